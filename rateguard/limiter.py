@@ -1,0 +1,219 @@
+"""From a request to a `Decision`, and from decisions to HTTP: shared by middleware and `limit()`."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Union
+
+from starlette.requests import Request
+
+from rateguard.bucket import Decision, Rule
+from rateguard.errors import ConfigurationError
+from rateguard.identity import ClientAddress, encode_identifier
+from rateguard.stores import Store
+
+DEFAULT_MESSAGE = "Too many requests, please try again later."
+
+# Where a request's rate-limit decisions are collected, so that the outermost RateGuard renders
+# every limit that applied (global and per-route) into one set of headers.
+SCOPE_KEY = "rateguard"
+
+MaybeAwaitable = Union[Awaitable[Any], Any]  # noqa: UP007
+Identifier = Callable[[Request], MaybeAwaitable]
+Predicate = Callable[[Request], MaybeAwaitable]
+Cost = Union[int, Callable[[Request], MaybeAwaitable]]  # noqa: UP007
+
+
+def _name_of(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)
+
+
+class Policy:
+    """One configured limit: a rule, a store (or none: use the app's), and the options."""
+
+    __slots__ = (
+        "client_address",
+        "cost",
+        "identifier",
+        "message",
+        "name",
+        "rule",
+        "skip",
+        "store",
+    )
+
+    def __init__(
+        self,
+        *,
+        requests_per_minute: float = 60,
+        capacity: int | None = None,
+        store: Store | None = None,
+        identifier: Identifier | None = None,
+        skip: Predicate | None = None,
+        message: str = DEFAULT_MESSAGE,
+        cost: Cost = 1,
+        name: str | None = None,
+        trusted_proxies: Iterable[str] | None = None,
+        ipv6_prefix: int = 64,
+    ) -> None:
+        self.rule = Rule(requests_per_minute, capacity)
+        if store is not None and not isinstance(store, Store):
+            raise ConfigurationError(
+                f"store must be a rateguard store such as MemoryStore() or "
+                f"RedisStore(url='redis://localhost:6379'), got {type(store).__name__}"
+            )
+        for option, value in (("identifier", identifier), ("skip", skip)):
+            if value is not None and not callable(value):
+                raise ConfigurationError(
+                    f"{option} must be a callable taking the request, got {value!r}; "
+                    f"e.g. {option}=lambda request: ..."
+                )
+        if callable(cost):
+            self.cost: Cost = cost
+        else:
+            self.cost = self.rule.check_cost(cost)
+        if not isinstance(message, str):
+            raise ConfigurationError(f"message must be a string, got {type(message).__name__}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigurationError(f"name must be a non-empty string, got {name!r}")
+        self.store = store
+        self.identifier = identifier
+        self.skip = skip
+        self.message = message
+        self.name = name
+        self.client_address = ClientAddress(trusted_proxies, ipv6_prefix)
+
+    @property
+    def needs_request(self) -> bool:
+        return self.identifier is not None or self.skip is not None or callable(self.cost)
+
+    async def should_skip(self, request: Request) -> bool:
+        if self.skip is None:
+            return False
+        try:
+            result = self.skip(request)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            exc.add_note(f"raised by the rateguard skip callable {_name_of(self.skip)}")
+            raise
+        return bool(result)
+
+    async def client_id(self, scope: Any, request: Request | None) -> str:
+        """The encoded store key part for this request's client."""
+        if self.identifier is not None and request is not None:
+            try:
+                ident = self.identifier(request)
+                if inspect.isawaitable(ident):
+                    ident = await ident
+            except Exception as exc:
+                exc.add_note(f"raised by the rateguard identifier callable {_name_of(self.identifier)}")
+                raise
+            if ident is not None and ident != "":
+                # A user identity never collides with an address: it gets its own namespace.
+                return "id:" + encode_identifier(ident if isinstance(ident, str) else str(ident))
+        return encode_identifier(self.client_address(scope))
+
+    async def cost_of(self, request: Request | None) -> int:
+        cost = self.cost
+        if isinstance(cost, int):
+            return cost
+        assert request is not None  # needs_request is true whenever cost is callable
+        try:
+            value = cost(request)
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as exc:
+            exc.add_note(f"raised by the rateguard cost callable {_name_of(cost)}")
+            raise
+        return self.rule.check_cost(value, f"the value of cost callable {_name_of(cost)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Headers
+
+
+def _sf_string(text: str) -> str:
+    """A Structured Field string (RFC 9651): printable ASCII, quotes and backslashes escaped."""
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def policy_item(name: str, rule: Rule) -> str:
+    return f"{_sf_string(name)};q={rule.burst};w={rule.window}"
+
+
+def _ceil(seconds: float) -> int:
+    return max(0, math.ceil(seconds - 1e-9))
+
+
+class Applied:
+    """A decision together with the policy name it was made under."""
+
+    __slots__ = ("decision", "name", "policy_item")
+
+    def __init__(self, name: str, policy_item: str, decision: Decision) -> None:
+        self.name = name
+        self.policy_item = policy_item
+        self.decision = decision
+
+
+def render_headers(applied: list[Applied]) -> list[tuple[bytes, bytes]]:
+    """The rate-limit headers for every limit that applied to one request.
+
+    ``RateLimit-Policy``/``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10) list each policy;
+    the ``X-RateLimit-*`` trio describes the most restrictive one; ``Retry-After`` only on denial.
+    """
+    if len(applied) == 1:
+        worst = applied[0]
+    else:
+        # Denied beats allowed; then fewest remaining; then longest wait.
+        worst = min(
+            applied,
+            key=lambda a: (a.decision.allowed, a.decision.remaining, -a.decision.retry_after),
+        )
+    d = worst.decision
+    policies = ", ".join(a.policy_item for a in applied)
+    limits = ", ".join(
+        f"{_sf_string(a.name)};r={a.decision.remaining};t={_ceil(a.decision.next_token_after)}"
+        for a in applied
+    )
+    headers = [
+        (b"ratelimit-policy", policies.encode("latin-1")),
+        (b"ratelimit", limits.encode("latin-1")),
+        (b"x-ratelimit-limit", str(d.limit).encode()),
+        (b"x-ratelimit-remaining", str(d.remaining).encode()),
+        (b"x-ratelimit-reset", str(_ceil(d.reset_after)).encode()),
+    ]
+    denied = [a.decision.retry_after for a in applied if not a.decision.allowed]
+    if denied:
+        headers.append((b"retry-after", str(max(1, _ceil(max(denied)))).encode()))
+    return headers
+
+
+def retry_after_seconds(applied: list[Applied]) -> int:
+    return max(
+        1,
+        _ceil(max((a.decision.retry_after for a in applied if not a.decision.allowed), default=1)),
+    )
+
+
+def error_body(message: str, retry_after: int) -> bytes:
+    return json.dumps(
+        {"error": "Too Many Requests", "message": message, "retry_after": retry_after},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).encode("utf-8")
+
+
+class RequestLimits:
+    """Per-request record, kept in ``scope["rateguard"]`` by the outermost `RateGuard`."""
+
+    __slots__ = ("applied", "store")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.applied: list[Applied] = []
