@@ -127,8 +127,10 @@ class limit:
         limits: RequestLimits | None = scope.get(SCOPE_KEY)
         behind_middleware = limits is not None
         if limits is None:
-            limits = scope[SCOPE_KEY] = RequestLimits(policy.store or default_store())
-        store = policy.store or limits.store
+            limits = scope[SCOPE_KEY] = RequestLimits(
+                policy.store if policy.store is not None else default_store()
+            )
+        store = policy.store if policy.store is not None else limits.store
 
         bucket = policy.name or _route_bucket(scope)
         item = self._items.get(bucket)

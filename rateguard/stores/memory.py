@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from rateguard.bucket import EPSILON, BucketState, Decision, Rule, refill, take
 from rateguard.errors import ConfigurationError
+from rateguard.stores import StoreStats
 
 # How many of the least recently used buckets one insertion looks at for a full one to drop.
 _SWEEP = 2
@@ -45,6 +46,8 @@ class MemoryStore:
         self.max_keys = max_keys
         self.clock = clock
         self._slots: OrderedDict[tuple[str, str], _Slot] = OrderedDict()
+        self.allowed = 0
+        self.limited = 0
 
     def __repr__(self) -> str:
         return f"MemoryStore(max_keys={self.max_keys})"
@@ -57,12 +60,16 @@ class MemoryStore:
         if slot is None:
             tokens, last, decision = take(None, now, now, rule.rate, rule.burst, cost)
             self._insert(key, _Slot(tokens, last, rule.burst, rule.rate), now)
-            return decision
-        self._slots.move_to_end(key)
-        # The rule of the caller wins: a bucket follows its rule if the app's config changes.
-        slot.capacity = rule.burst
-        slot.rate = rule.rate
-        slot.tokens, slot.last, decision = take(slot.tokens, slot.last, now, rule.rate, rule.burst, cost)
+        else:
+            self._slots.move_to_end(key)
+            # The caller's rule wins: a bucket follows its rule if the app's config changes.
+            slot.capacity = rule.burst
+            slot.rate = rule.rate
+            slot.tokens, slot.last, decision = take(slot.tokens, slot.last, now, rule.rate, rule.burst, cost)
+        if decision.allowed:
+            self.allowed += 1
+        else:
+            self.limited += 1
         return decision
 
     async def take(self, client: str, bucket: str, rule: Rule, cost: int = 1) -> Decision:
@@ -99,8 +106,10 @@ class MemoryStore:
     async def count(self) -> int:
         return len(self._slots)
 
+    async def stats(self) -> StoreStats:
+        return StoreStats(
+            "memory", self.allowed, self.limited, self.allowed, self.limited, len(self._slots), True
+        )
+
     async def close(self) -> None:
         self._slots.clear()
-
-    def __len__(self) -> int:
-        return len(self._slots)

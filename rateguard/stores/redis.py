@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from rateguard.bucket import BucketState, Decision, Rule, refill
 from rateguard.errors import ConfigurationError, StoreError
+from rateguard.stores import StoreStats
 
 TOKEN_BUCKET_LUA = files("rateguard.stores").joinpath("token_bucket.lua").read_text("utf-8")
 
@@ -107,8 +108,7 @@ class RedisStore:
         )
 
     async def _client_keys(self, client: str) -> list[bytes]:
-        pattern = f"{self.prefix}{{{client}}}:*".translate(_GLOB_SPECIAL)
-        # Braces are not glob characters, but the escaping above also covers the prefix.
+        pattern = f"{self.prefix}{{{client}}}:".translate(_GLOB_SPECIAL) + "*"
         return [k async for k in self._client.scan_iter(match=pattern, count=1000)]
 
     async def inspect(self, client: str) -> list[BucketState]:
@@ -144,7 +144,7 @@ class RedisStore:
         return [_bucket_name(k, self.prefix, client) for k in keys]
 
     async def count(self) -> int:
-        pattern = f"{self.prefix}*".translate(_GLOB_SPECIAL)
+        pattern = self.prefix.translate(_GLOB_SPECIAL) + "*"
         try:
             n = 0
             async for _ in self._client.scan_iter(match=pattern, count=1000):
@@ -152,6 +152,19 @@ class RedisStore:
             return n
         except RedisError as exc:
             raise StoreError(f"Redis could not count buckets: {exc}") from exc
+
+    async def stats(self) -> StoreStats:
+        # Placeholder until the batching store lands: local counters only.
+        import time
+
+        try:
+            t0 = time.perf_counter()
+            await self._client.ping()
+            latency = (time.perf_counter() - t0) * 1000
+            buckets = await self.count()
+        except (RedisError, StoreError) as exc:
+            return StoreStats("redis", 0, 0, 0, 0, 0, False, None, False, str(exc))
+        return StoreStats("redis", 0, 0, 0, 0, buckets, True, latency)
 
     async def close(self) -> None:
         await self._client.aclose()

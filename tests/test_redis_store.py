@@ -1,0 +1,128 @@
+"""RedisStore against a real redis-server: the script, keys, TTLs, clock, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from rateguard import RedisStore, Rule, encode_identifier
+
+from .helpers import client_for
+from .test_middleware import plain_app
+
+pytestmark = pytest.mark.redis
+
+
+async def test_every_key_has_a_ttl(redis_store: RedisStore) -> None:
+    rule = Rule(60, capacity=10)
+    for i in range(20):
+        await redis_store.take(encode_identifier(f"client-{i}"), "global", rule, 3)
+    keys = await redis_store.client.keys("*")
+    assert len(keys) == 20
+    for key in keys:
+        ttl = await redis_store.client.pttl(key)
+        # 7 tokens left of 10 at 1/s: full again in 3 s
+        assert 2_000 < ttl <= 3_000
+
+
+async def test_denied_request_keeps_the_expiry(redis_store: RedisStore) -> None:
+    rule = Rule(1, capacity=1)
+    assert (await redis_store.take("c", "b", rule)).allowed
+    assert not (await redis_store.take("c", "b", rule)).allowed
+    ttl = await redis_store.client.pttl(redis_store.key("c", "b"))
+    assert 59_000 < ttl <= 60_000
+
+
+async def test_script_flush_mid_run_recovers(redis_store: RedisStore) -> None:
+    rule = Rule(60, capacity=5)
+    assert (await redis_store.take("c", "b", rule)).remaining == 4
+    await redis_store.client.script_flush()
+    assert (await redis_store.take("c", "b", rule)).remaining == 3  # reloaded, state kept
+    await redis_store.client.script_flush()
+    results = await asyncio.gather(*(redis_store.take("c", "b", rule) for _ in range(5)))
+    assert sum(d.allowed for d in results) == 3
+
+
+async def test_decisions_use_redis_time_not_the_app_clock(
+    redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rule = Rule(60, capacity=2)
+    assert (await redis_store.take("c", "b", rule)).remaining == 1
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+    monotonic = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: monotonic() + 3600)
+    # An app server an hour ahead: if its clock were used, the bucket would be full again.
+    d = await redis_store.take("c", "b", rule)
+    assert d.allowed and d.remaining == 0
+    assert not (await redis_store.take("c", "b", rule)).allowed
+
+
+async def test_app_clock_shift_over_http(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = RedisStore(url=redis_url)
+    app = plain_app(store, requests_per_minute=1, capacity=2)
+    try:
+        async with client_for(app) as client:
+            assert (await client.get("/")).status_code == 200
+            real_time = time.time
+            monkeypatch.setattr(time, "time", lambda: real_time() + 3600)
+            assert (await client.get("/")).status_code == 200
+            assert (await client.get("/")).status_code == 429
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    ["2001:db8::1", "*", "{", "}", "a b", "x" * 10_000, "\x00nul", "é\u2603", "", "a:*:{b}", "\r\n"],
+)
+async def test_any_identifier_makes_a_safe_bounded_key(redis_store: RedisStore, identifier: str) -> None:
+    client = encode_identifier(identifier)
+    rule = Rule(60, capacity=2)
+    assert (await redis_store.take(client, "global", rule)).remaining == 1
+    keys = await redis_store.client.keys("*")
+    assert len(keys) == 1
+    key = keys[0].decode()
+    assert len(key) <= 160
+    assert key.startswith("rateguard:{") and key.count("{") == 1 and key.count("}") == 1
+    # The client's own buckets only: a glob-like identifier must not touch others.
+    await redis_store.take(encode_identifier("bystander"), "global", rule)
+    assert [b.bucket for b in await redis_store.inspect(client)] == ["global"]
+    assert await redis_store.reset(client) == ["global"]
+    assert len(await redis_store.client.keys("*")) == 1
+
+
+async def test_inspect_and_reset(redis_store: RedisStore) -> None:
+    rule = Rule(60, capacity=10)
+    await redis_store.take("c", "global", rule, 4)
+    await redis_store.take("c", "POST /api/expensive", Rule(5), 1)
+    await redis_store.take("other", "global", rule, 1)
+    states = {s.bucket: s for s in await redis_store.inspect("c")}
+    assert set(states) == {"global", "POST /api/expensive"}
+    assert states["global"].capacity == 10
+    assert 6 <= states["global"].tokens < 6.5
+    assert states["POST /api/expensive"].requests_per_minute == pytest.approx(5)
+    assert await redis_store.count() == 3
+    assert sorted(await redis_store.reset("c")) == ["POST /api/expensive", "global"]
+    assert await redis_store.inspect("c") == []
+    assert (await redis_store.take("c", "global", rule)).remaining == 9
+    assert await redis_store.count() == 2
+
+
+async def test_prefix_and_hash_tag(redis_url: str) -> None:
+    store = RedisStore(url=redis_url, prefix="myapp:rl:")
+    try:
+        await store.take("10.0.0.1", "global", Rule())
+        assert await store.client.keys("*") == [b"myapp:rl:{10.0.0.1}:global"]
+    finally:
+        await store.close()
+
+
+async def test_host_port_form(redis_server) -> None:  # type: ignore[no-untyped-def]
+    store = RedisStore(host="127.0.0.1", port=redis_server.port)
+    try:
+        assert (await store.take("c", "b", Rule(60))).allowed
+    finally:
+        await store.close()
