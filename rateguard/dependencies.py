@@ -9,9 +9,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from rateguard.errors import StoreError
 from rateguard.limiter import (
     DEFAULT_MESSAGE,
     SCOPE_KEY,
+    UNAVAILABLE_MESSAGE,
     Applied,
     Cost,
     Identifier,
@@ -22,6 +24,7 @@ from rateguard.limiter import (
     policy_item,
     render_headers,
     retry_after_seconds,
+    unavailable_seconds,
 )
 from rateguard.stores import Store
 from rateguard.stores.memory import MemoryStore
@@ -140,7 +143,12 @@ class limit:
                 self._items[bucket] = item
         client = await policy.client_id(scope, request)
         cost = await policy.cost_of(request)
-        decision = await store.take(client, bucket, policy.rule, cost)
+        try:
+            decision = await store.take(client, bucket, policy.rule, cost)
+        except StoreError as exc:
+            raise HTTPException(
+                503, UNAVAILABLE_MESSAGE, headers={"Retry-After": str(unavailable_seconds(exc))}
+            ) from exc
         limits.applied.append(Applied(bucket, item, decision))
 
         # Behind RateGuard, its send wrapper renders the headers of every limit that applied.

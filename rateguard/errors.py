@@ -2,7 +2,8 @@
 
     RateGuardError              base of everything below
     ├── ConfigurationError      bad options, raised at construction (also a ValueError)
-    └── StoreError              a store could not make a decision (e.g. Redis unreachable)
+    └── StoreError              a store could not make or read a decision
+        └── StoreUnavailable    the store is down and its policy is to refuse (HTTP 503)
 
 Errors raised by user callables (``identifier``, ``skip``, ``cost``) are not wrapped: they are the
 application's own bugs and propagate unchanged, with a note naming the callable.
@@ -21,3 +22,11 @@ class ConfigurationError(RateGuardError, ValueError):
 
 class StoreError(RateGuardError):
     """A store failed to make or read a decision."""
+
+
+class StoreUnavailable(StoreError):
+    """The store can't decide and its outage policy says to refuse: answered with 503."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

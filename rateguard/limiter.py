@@ -11,7 +11,7 @@ from typing import Any, Union
 from starlette.requests import Request
 
 from rateguard.bucket import Decision, Rule
-from rateguard.errors import ConfigurationError
+from rateguard.errors import ConfigurationError, StoreError
 from rateguard.identity import ClientAddress, encode_identifier
 from rateguard.stores import Store
 
@@ -201,9 +201,16 @@ def retry_after_seconds(applied: list[Applied]) -> int:
     )
 
 
-def error_body(message: str, retry_after: int) -> bytes:
+UNAVAILABLE_MESSAGE = "The rate limiter's store is unavailable, please try again shortly."
+
+
+def unavailable_seconds(exc: StoreError) -> int:
+    return max(1, _ceil(getattr(exc, "retry_after", 1.0)))
+
+
+def error_body(message: str, retry_after: int, error: str = "Too Many Requests") -> bytes:
     return json.dumps(
-        {"error": "Too Many Requests", "message": message, "retry_after": retry_after},
+        {"error": error, "message": message, "retry_after": retry_after},
         ensure_ascii=False,
         separators=(",", ":"),
     ).encode("utf-8")

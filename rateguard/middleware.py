@@ -7,9 +7,11 @@ from collections.abc import Iterable
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rateguard.errors import StoreError
 from rateguard.limiter import (
     DEFAULT_MESSAGE,
     SCOPE_KEY,
+    UNAVAILABLE_MESSAGE,
     Applied,
     Cost,
     Identifier,
@@ -20,6 +22,7 @@ from rateguard.limiter import (
     policy_item,
     render_headers,
     retry_after_seconds,
+    unavailable_seconds,
 )
 from rateguard.stores import Store
 from rateguard.stores.memory import MemoryStore
@@ -91,7 +94,13 @@ class RateGuard:
         if request is None or not await policy.should_skip(request):
             client = await policy.client_id(scope, request)
             cost = await policy.cost_of(request)
-            decision = await self.store.take(client, self.name, policy.rule, cost)
+            try:
+                decision = await self.store.take(client, self.name, policy.rule, cost)
+            except StoreError as exc:
+                # The store is down and its policy refuses (RedisStore(on_error="deny")), or a
+                # custom store failed: answer 503, never a 500.
+                await self._unavailable(exc, send)
+                return
             applied = Applied(self.name, self._policy_item, decision)
             limits.applied.append(applied)
             if not decision.allowed:
@@ -109,6 +118,22 @@ class RateGuard:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    async def _unavailable(self, exc: StoreError, send: Send) -> None:
+        retry_after = unavailable_seconds(exc)
+        body = error_body(UNAVAILABLE_MESSAGE, retry_after, "Service Unavailable")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", str(retry_after).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     async def _reject(self, applied: list[Applied], with_headers: bool, send: Send) -> None:
         body = error_body(self.policy.message, retry_after_seconds(applied))

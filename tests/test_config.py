@@ -58,7 +58,7 @@ def test_limit_positional_rate_is_checked() -> None:
     ("kwargs", "fragment"),
     [
         ({"url": "localhost:6379"}, "url must look like 'redis://host:6379/0'"),
-        ({"url": "redis://x", "host": "y"}, "one of url=, host=/port= or client="),
+        ({"url": "redis://x", "host": "y"}, "one of url=, host=/port=, sentinels= or client="),
         ({"port": 0}, "port must be an int from 1 to 65535"),
         ({"port": "6379"}, "port must be an int"),
         ({"client": "redis://x"}, "client must be a redis.asyncio client"),

@@ -115,7 +115,7 @@ async def test_limit_uses_the_middleware_store(redis_url: str) -> None:
         app = demo_like_app(store)
         async with client_for(app, "198.51.100.77") as client:
             await client.post("/api/expensive")
-        keys = sorted(k.decode() for k in await store.client.keys("*"))
+        keys = sorted(k.decode() for k in await store.client.keys("rateguard:{*"))
         assert keys == [
             "rateguard:{198.51.100.77}:POST%20%2Fapi%2Fexpensive",
             "rateguard:{198.51.100.77}:global",

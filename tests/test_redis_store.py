@@ -19,12 +19,16 @@ async def test_every_key_has_a_ttl(redis_store: RedisStore) -> None:
     rule = Rule(60, capacity=10)
     for i in range(20):
         await redis_store.take(encode_identifier(f"client-{i}"), "global", rule, 3)
+    await redis_store.stats()  # also writes the shared totals
     keys = await redis_store.client.keys("*")
-    assert len(keys) == 20
+    assert len(keys) == 21  # 20 buckets and the totals
     for key in keys:
         ttl = await redis_store.client.pttl(key)
-        # 7 tokens left of 10 at 1/s: full again in 3 s
-        assert 2_000 < ttl <= 3_000
+        if key == b"rateguard:stats":
+            assert 0 < ttl <= 86_400_000
+        else:
+            # 7 tokens left of 10 at 1/s: full again in 3 s
+            assert 2_000 < ttl <= 3_000
 
 
 async def test_denied_request_keeps_the_expiry(redis_store: RedisStore) -> None:
@@ -82,7 +86,7 @@ async def test_any_identifier_makes_a_safe_bounded_key(redis_store: RedisStore, 
     client = encode_identifier(identifier)
     rule = Rule(60, capacity=2)
     assert (await redis_store.take(client, "global", rule)).remaining == 1
-    keys = await redis_store.client.keys("*")
+    keys = await redis_store.client.keys("rateguard:{*")
     assert len(keys) == 1
     key = keys[0].decode()
     assert len(key) <= 160
@@ -91,7 +95,7 @@ async def test_any_identifier_makes_a_safe_bounded_key(redis_store: RedisStore, 
     await redis_store.take(encode_identifier("bystander"), "global", rule)
     assert [b.bucket for b in await redis_store.inspect(client)] == ["global"]
     assert await redis_store.reset(client) == ["global"]
-    assert len(await redis_store.client.keys("*")) == 1
+    assert len(await redis_store.client.keys("rateguard:{*")) == 1
 
 
 async def test_inspect_and_reset(redis_store: RedisStore) -> None:
@@ -115,7 +119,7 @@ async def test_prefix_and_hash_tag(redis_url: str) -> None:
     store = RedisStore(url=redis_url, prefix="myapp:rl:")
     try:
         await store.take("10.0.0.1", "global", Rule())
-        assert await store.client.keys("*") == [b"myapp:rl:{10.0.0.1}:global"]
+        assert await store.client.keys("myapp:rl:{*") == [b"myapp:rl:{10.0.0.1}:global"]
     finally:
         await store.close()
 

@@ -1,0 +1,335 @@
+"""Coalesce the decisions of concurrent requests into pipelined round trips to Redis.
+
+Every request still runs its own atomic EVALSHA; what is shared is the trip. Commands submitted
+during one event-loop turn go out together in one write on a dedicated connection; batches are
+written as soon as they are ready (pipelined: no waiting for the previous batch), and a reader
+matches the replies, which Redis sends in order, to futures in order. Measured on a 2-core machine
+this is what takes a Redis-backed limiter from ~0.5x towards ~0.9x the throughput of no limiter:
+per-command Python work and waiting, not Redis, is the cost.
+
+Correctness rules kept here:
+- A consume script is never resent after a connection error or a timeout: it may have run.
+  Only NOSCRIPT/TRYAGAIN (the script did not run) and MOVED/ASK (not run on that node) are resent.
+- Every batch has a deadline. A stalled Redis fails everything in flight on that connection, the
+  connection is dropped (its state is unknown), and callers fall back by the store's policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+
+pack_command: Callable[[Any], bytes] | None
+try:  # hiredis packs a command in C: several times faster than redis-py's Python packer
+    from hiredis import pack_command
+except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
+    pack_command = None
+
+Command = tuple[Any, ...]
+
+# How often one decision may be resent after NOSCRIPT / MOVED before it counts as failed.
+_MAX_ATTEMPTS = 3
+
+
+class BatchFailed(Exception):
+    """A command could not be answered (connection lost, deadline passed, node refusing)."""
+
+
+class _Entry:
+    """One command on the wire, waiting for its reply."""
+
+    __slots__ = ("answered", "args", "attempts", "future", "key")
+
+    def __init__(self, key: str, args: Command, future: asyncio.Future[Any], attempts: int = 0) -> None:
+        self.key = key
+        self.args = args
+        self.future = future
+        self.attempts = attempts
+        self.answered = False
+
+
+class Channel:
+    """A dedicated, pipelined connection: batches are written as they come, replies read in order."""
+
+    def __init__(self, make_connection: Callable[[], Any], batcher: Batcher) -> None:
+        self._make = make_connection
+        self._batcher = batcher
+        self._conn: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._fifo: deque[_Entry] = deque()
+
+    async def write(self, entries: list[_Entry], commands: list[Command], probe: bool = False) -> None:
+        """Write one batch; its replies are delivered by the reader."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._lock:  # keeps writes (and so the reply order) in submission order
+                conn = self._conn
+                if conn is None and self._batcher.failing and not probe:
+                    # Redis just failed: only the store's probe may pay for a new connection.
+                    raise BatchFailed("Redis is unavailable")
+                if conn is None:
+                    conn = self._make()
+                    # One deadline per batch (below) instead of a timer per read and write.
+                    conn.socket_timeout = None
+                    async with asyncio.timeout(self._batcher.timeout):
+                        await conn.connect()
+                    self._conn = conn
+                    self._reader = loop.create_task(self._read(conn))
+                if pack_command is not None:
+                    packed: Any = b"".join([pack_command(c) for c in commands])
+                else:
+                    packed = conn.pack_commands(commands)
+                self._fifo.extend(entries)
+                await conn.send_packed_command(packed, check_health=False)
+        except (TimeoutError, RedisError, OSError, BatchFailed) as exc:
+            self.fail(exc, entries)
+            return
+        last = entries[-1]
+        loop.call_at(loop.time() + self._batcher.timeout, self._deadline, last)
+
+    def _deadline(self, last: _Entry) -> None:
+        if not last.answered:
+            self.fail(TimeoutError(f"no reply from Redis within {self._batcher.timeout * 1000:.0f} ms"))
+
+    async def _read(self, conn: Any) -> None:
+        fifo = self._fifo
+        batcher = self._batcher
+        try:
+            while True:
+                try:
+                    reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
+                except ResponseError as exc:  # an error reply: the stream is still in step
+                    reply = exc
+                if not fifo:
+                    raise BatchFailed("a reply nobody asked for: the connection is out of step")
+                entry = fifo.popleft()
+                entry.answered = True
+                if isinstance(reply, ResponseError):
+                    if not batcher.on_error_reply(entry, reply):
+                        self.fail(BatchFailed(f"{type(reply).__name__}: {reply}"), [entry])
+                        return
+                elif not entry.future.done():
+                    entry.future.set_result(reply)
+                if batcher.failing:
+                    batcher.on_success()
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError, BatchFailed) as exc:
+            if self._conn is conn:
+                self.fail(exc)
+
+    def fail(self, exc: BaseException, extra: Sequence[_Entry] = ()) -> None:
+        """Fail every command on this connection and drop it; the store's breaker hears of it."""
+        error = BatchFailed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        entries = [*self._fifo, *extra]
+        self._fifo.clear()
+        for entry in entries:
+            entry.answered = True
+            if not entry.future.done():
+                entry.future.set_exception(error)
+        self._drop()
+        self._batcher.on_failure(exc)
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        if conn is not None:
+            self._batcher.spawn(_disconnect(conn))
+
+    async def aclose(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.wait([reader], timeout=1)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await _disconnect(conn)
+        for entry in self._fifo:
+            if not entry.future.done():
+                entry.future.set_exception(BatchFailed("store closed"))
+        self._fifo.clear()
+
+
+async def _disconnect(conn: Any) -> None:
+    with contextlib.suppress(Exception):  # best effort: the socket may already be gone
+        await conn.disconnect(nowait=True)
+
+
+class Batcher:
+    """Queue EVALSHA commands; at the end of each event-loop turn write them out, per node.
+
+    ``route(key)`` gives the `Channel` a key's command goes to: one for plain Redis and Sentinel,
+    one per primary for a Cluster (so a batch is split by node). ``on_moved`` refreshes the
+    cluster map. ``on_failure``/``on_success`` drive the store's circuit breaker.
+    """
+
+    def __init__(
+        self,
+        *,
+        sha: str,
+        script: bytes,
+        timeout: float,
+        route: Callable[[str], Channel | Awaitable[Channel]],
+        on_failure: Callable[[BaseException], None],
+        on_success: Callable[[], None],
+        on_moved: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.sha = sha
+        self.script = script
+        self.timeout = timeout
+        self._route = route
+        self._on_failure = on_failure
+        self._on_success = on_success
+        self._on_moved = on_moved
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[_Entry] = []
+        self._reload: list[_Entry] = []  # to resend after loading the script
+        self._scheduled = False
+        self.failing = False  # a failure was reported and no success since
+        self.batches = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def make_channel(self, make_connection: Callable[[], Any]) -> Channel:
+        return Channel(make_connection, self)
+
+    def submit(self, key: str, args: Command) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._pending.append(_Entry(key, args, fut))
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+        return fut
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def fail_pending(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, []
+        reload, self._reload = self._reload, []
+        for entry in (*pending, *reload):
+            if not entry.future.done():
+                entry.future.set_exception(exc)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._pending and not self._reload:
+            return
+        pending, self._pending = self._pending, []
+        reload, self._reload = self._reload, []
+        self.batches += 1
+        self.spawn(self._write(pending, reload))
+
+    async def _write(self, pending: list[_Entry], reload: list[_Entry]) -> None:
+        groups: dict[int, tuple[Channel, list[_Entry], list[Command]]] = {}
+        sha = self.sha
+        for entries, load in ((reload, True), (pending, False)):
+            for entry in entries:
+                try:
+                    channel = self._route(entry.key)
+                    if not isinstance(channel, Channel):
+                        channel = await channel
+                except (TimeoutError, RedisError, OSError) as exc:
+                    self._fail_entries([entry], exc)
+                    continue
+                group = groups.get(id(channel))
+                if group is None:
+                    group = groups[id(channel)] = (channel, [], [])
+                if load and not any(c[0] == "SCRIPT" for c in group[2]):
+                    # The script may be missing (restart, SCRIPT FLUSH, new primary): load it
+                    # in the same trip, ahead of the commands that are resent.
+                    group[1].append(_Entry("", (), self._loop.create_future()))
+                    group[2].append(("SCRIPT", "LOAD", self.script))
+                group[1].append(entry)
+                group[2].append(("EVALSHA", sha, 1, entry.key, *entry.args))
+        for channel, entries, commands in groups.values():
+            await channel.write(entries, commands)
+
+    def _fail_entries(self, entries: Sequence[_Entry], exc: BaseException) -> None:
+        error = BatchFailed(f"{type(exc).__name__}: {exc}")
+        for entry in entries:
+            if not entry.future.done():
+                entry.future.set_exception(error)
+        self.on_failure(exc)
+
+    def on_error_reply(self, entry: _Entry, reply: ResponseError) -> bool:
+        """Handle an error reply; False means the connection's node can't serve (an outage)."""
+        if not entry.key:  # our own SCRIPT LOAD
+            if not entry.future.done():
+                entry.future.set_exception(reply)
+            return True
+        if isinstance(reply, NoScriptError | TryAgainError | AskError) and entry.attempts < _MAX_ATTEMPTS:
+            # Not run: safe to send again (after loading the script, or to the right node).
+            entry.attempts += 1
+            if isinstance(reply, AskError) and self._on_moved is not None:
+                self.spawn(self._after_moved(entry))
+            else:
+                self._reload.append(entry)
+                if not self._scheduled:
+                    self._scheduled = True
+                    self._loop.call_soon(self._flush)
+            return True
+        if isinstance(reply, ReadOnlyError | ClusterDownError | MasterDownError):
+            return False  # a failover in progress, a replica in the primary's place
+        # Anything else (OOM, a broken script): this decision fails and the store falls back for
+        # it; the rest of the batch stands.
+        if not entry.future.done():
+            entry.future.set_exception(BatchFailed(f"{type(reply).__name__}: {reply}"))
+        return True
+
+    async def _after_moved(self, entry: _Entry) -> None:
+        assert self._on_moved is not None
+        try:
+            await self._on_moved()
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._fail_entries([entry], exc)
+            return
+        self._reload.append(entry)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def on_failure(self, exc: BaseException) -> None:
+        self.failing = True
+        self._on_failure(exc)
+
+    def on_success(self) -> None:
+        self.failing = False
+        self._on_success()
+
+    async def ping(self, channels: Sequence[Channel]) -> None:
+        """A probe: one PING on every channel; raises if any does not answer in time."""
+        futures = []
+        for channel in channels:
+            fut: asyncio.Future[Any] = self._loop.create_future()
+            futures.append(fut)
+            await channel.write([_Entry("", (), fut)], [("PING",)], probe=True)
+        async with asyncio.timeout(self.timeout):
+            for fut in futures:
+                await fut
+
+    async def aclose(self, channels: Sequence[Channel]) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        self.fail_pending(BatchFailed("store closed"))
+        for channel in channels:
+            await channel.aclose()
