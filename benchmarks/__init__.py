@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of rateguard and its peers: `python -m benchmarks.run` (`make bench`)."""

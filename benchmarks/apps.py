@@ -1,0 +1,216 @@
+"""One tiny FastAPI app per variant, chosen by environment variables, served by uvicorn:
+
+    BENCH_VARIANT=rateguard-redis BENCH_REDIS_URL=redis://127.0.0.1:6379/0 \\
+        uvicorn benchmarks.apps:app --loop uvloop --http httptools
+
+Every app has the same trivial endpoint, ``GET /``. Limits are so high (10**9 a minute, a burst of
+10**9) that no normal variant ever answers 429; the ``*-blocked`` variants have capacity 1 and a
+near-zero rate, so after the first request every one is a 429. wrk connects from one address, so
+all requests share one bucket: for Redis that is one hot key, the worst case.
+
+``BENCH_GC_FREEZE=1`` (the harness's default) calls ``gc.freeze()`` once start-up is done, in every
+variant alike: objects made at import then never get scanned again, which shortens the collector's
+pauses and with them the p99.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+
+HIGH = 10**9  # requests a minute and burst: never reached in a run
+BLOCKED_RPM = 1e-6  # one token every ~1.9 years
+MESSAGE = {"message": "hello"}
+
+VARIANT = os.environ.get("BENCH_VARIANT", "none")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+GC_FREEZE = os.environ.get("BENCH_GC_FREEZE", "1") == "1"
+
+Closer = Callable[[], Any]
+
+
+def _app(closers: list[Closer] | None = None) -> FastAPI:
+    to_close = closers if closers is not None else []
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if GC_FREEZE:
+            gc.collect()
+            gc.freeze()
+        yield
+        for close in to_close:
+            result = close()
+            if hasattr(result, "__await__"):
+                await result
+
+    return FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+
+
+def _plain(app: FastAPI) -> FastAPI:
+    @app.get("/")
+    async def hello() -> dict[str, str]:
+        return MESSAGE
+
+    return app
+
+
+def none() -> FastAPI:
+    return _plain(_app())
+
+
+def basehttp_noop() -> FastAPI:
+    from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+    from starlette.responses import Response
+
+    class Noop(BaseHTTPMiddleware):
+        async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+            return await call_next(request)
+
+    app = _plain(_app())
+    app.add_middleware(Noop)
+    return app
+
+
+def _rateguard(store: Any, blocked: bool) -> FastAPI:
+    from rateguard import RateGuard
+
+    app = _plain(_app([store.close]))
+    if blocked:
+        app.add_middleware(RateGuard, requests_per_minute=BLOCKED_RPM, capacity=1, store=store)
+    else:
+        app.add_middleware(RateGuard, requests_per_minute=HIGH, capacity=HIGH, store=store)
+    return app
+
+
+def rateguard_memory(blocked: bool = False) -> FastAPI:
+    from rateguard import MemoryStore
+
+    return _rateguard(MemoryStore(), blocked)
+
+
+def rateguard_redis(blocked: bool = False) -> FastAPI:
+    from rateguard import RedisStore
+
+    return _rateguard(RedisStore(url=REDIS_URL), blocked)
+
+
+def _slowapi(storage_uri: str, pure_asgi: bool = True) -> FastAPI:
+    # What slowapi needs: the limiter on app.state, its 429 handler, and a middleware for
+    # default_limits to apply to undecorated routes. Headers stay off (slowapi's default).
+    from slowapi import Limiter, _rate_limit_exceeded_handler
+    from slowapi.errors import RateLimitExceeded
+    from slowapi.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
+    from slowapi.util import get_remote_address
+
+    limiter = Limiter(
+        key_func=get_remote_address,
+        default_limits=[f"{HIGH}/minute"],
+        storage_uri=storage_uri,
+    )
+    app = _plain(_app())
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    app.add_middleware(SlowAPIASGIMiddleware if pure_asgi else SlowAPIMiddleware)
+    return app
+
+
+def slowapi_memory() -> FastAPI:
+    return _slowapi("memory://")
+
+
+def slowapi_redis() -> FastAPI:
+    return _slowapi(REDIS_URL)
+
+
+def slowapi_redis_basehttp() -> FastAPI:
+    return _slowapi(REDIS_URL, pure_asgi=False)
+
+
+def fastapi_limiter_redis() -> FastAPI:
+    # fastapi-limiter 0.2 has no FastAPILimiter.init(redis) any more: a RateLimiter dependency wraps
+    # a pyrate-limiter Limiter. Its token bucket on Redis is a StateBucket over a RedisStateStore
+    # (one small hash, a Lua step); its RedisBucket is a sliding log that grows a sorted set by
+    # one member per request, which would not be the same work as a token bucket.
+    import redis.asyncio as aioredis
+    from fastapi_limiter.depends import RateLimiter
+    from pyrate_limiter import Duration, Limiter, Rate, RedisStateStore, StateBucket, TokenBucket
+
+    client = aioredis.Redis.from_url(REDIS_URL)
+    bucket = StateBucket(
+        [Rate(HIGH, Duration.MINUTE, burst=HIGH)],
+        algorithm=TokenBucket(),
+        store=RedisStateStore(client, key="fastapi-limiter:bench"),
+    )
+    limiter = Limiter(bucket)
+    app = _app([client.aclose, limiter.bucket_factory.close])
+
+    @app.get("/", dependencies=[Depends(RateLimiter(limiter=limiter))])
+    async def hello() -> dict[str, str]:
+        return MESSAGE
+
+    return app
+
+
+def _throttled(store: Any) -> FastAPI:
+    from throttled.asyncio import per_min
+    from throttled.asyncio.contrib.fastapi import (
+        Limiter,
+        RateLimitExceededError,
+        get_remote_address,
+        rate_limit_exceeded_handler,
+    )
+
+    limiter = Limiter(per_min(HIGH, burst=HIGH), store=store, key_func=get_remote_address)
+    app = _app()
+    app.add_exception_handler(RateLimitExceededError, rate_limit_exceeded_handler)
+
+    @app.get("/")
+    @limiter.limit()
+    async def hello(request: Request) -> dict[str, str]:  # the decorator finds the request here
+        return MESSAGE
+
+    return app
+
+
+def throttled_memory() -> FastAPI:
+    from throttled.asyncio import MemoryStore
+
+    return _throttled(MemoryStore())
+
+
+def throttled_redis() -> FastAPI:
+    from throttled.asyncio import RedisStore
+
+    return _throttled(RedisStore(server=REDIS_URL))
+
+
+BUILDERS: dict[str, Callable[[], FastAPI]] = {
+    "none": none,
+    "basehttp-noop": basehttp_noop,
+    "rateguard-memory": rateguard_memory,
+    "rateguard-redis": rateguard_redis,
+    "rateguard-memory-blocked": lambda: rateguard_memory(blocked=True),
+    "rateguard-redis-blocked": lambda: rateguard_redis(blocked=True),
+    "slowapi-memory": slowapi_memory,
+    "slowapi-redis": slowapi_redis,
+    "slowapi-redis-basehttp": slowapi_redis_basehttp,
+    "fastapi-limiter-redis": fastapi_limiter_redis,
+    "throttled-memory": throttled_memory,
+    "throttled-redis": throttled_redis,
+}
+
+
+def build(variant: str) -> FastAPI:
+    try:
+        builder = BUILDERS[variant]
+    except KeyError:
+        raise SystemExit(f"unknown BENCH_VARIANT {variant!r}; one of: {', '.join(BUILDERS)}") from None
+    return builder()
+
+
+app = build(VARIANT)

@@ -1,0 +1,87 @@
+"""The benchmark harness runs end to end in its tiny mode and writes its tables.
+
+No speed is asserted, here or anywhere in the suite: figures from a shared machine mean nothing.
+This only keeps `make bench` from rotting: servers start, wrk's output parses, the report is written,
+and no process is left behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def _row(text: str, section: str, label: str) -> list[str]:
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    for line in body.splitlines():
+        if line.startswith(f"| {label} |"):
+            return [cell.strip() for cell in line.strip("|").split("|")]
+    raise AssertionError(f"no row {label!r} under {section!r}:\n{body}")
+
+
+def _number(cell: str) -> float:
+    return float(cell.split()[0].replace(",", "").rstrip("x%"))
+
+
+def _processes_with(token: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if token.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_tiny_run_writes_results(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        if os.environ.get("CI"):
+            pytest.fail("wrk is not installed, and CI must run this test: apt-get install -y wrk")
+        pytest.skip("wrk is not installed: sudo apt-get install -y wrk (Debian/Ubuntu) or brew install wrk")
+    token = f"rateguard-bench-smoke-{uuid.uuid4().hex}"
+    env = dict(os.environ, RATEGUARD_BENCH_SMOKE=token)
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    dated = sorted(tmp_path.glob("20*.md"))
+    assert len(dated) == 1, list(tmp_path.iterdir())
+    text = (tmp_path / "latest.md").read_text()
+    assert text == dated[0].read_text().replace(dated[0].with_suffix(".png").name, "latest.png")
+
+    for label in ("no limiter", "rateguard memory"):
+        throughput = _row(text, "Throughput", label)
+        assert _number(throughput[1]) > 0  # req/s
+        assert _number(throughput[4]) > 0  # p50
+        assert _number(throughput[5]) > 0  # p99
+        assert throughput[-1] == "all 2xx"
+        latency = _row(text, "Added latency at one connection", label)
+        assert _number(latency[1]) > 0
+    memory = _row(text, "Store only", "memory")
+    assert _number(memory[1]) > 0 and _number(memory[2]) > 0
+    assert "| 1 | RateGuard + MemoryStore req/s >= 0.95x no limiter |" in text  # targets listed
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
+
+    assert _processes_with(token) == [], "the harness left processes running"
