@@ -42,5 +42,13 @@ pytest: $(STAMP) check-redis
 
 test: lint typecheck pytest
 
+bench: $(STAMP) check-redis
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(STAMP) check-redis
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.run --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
