@@ -18,10 +18,10 @@ from rateguard.limiter import (
     Cost,
     Identifier,
     Policy,
+    PolicyHeader,
     Predicate,
     RequestLimits,
     error_body,
-    policy_item,
     render_headers,
     retry_after_seconds,
     unavailable_seconds,
@@ -116,7 +116,7 @@ class limit:
             trusted_proxies=trusted_proxies,
             ipv6_prefix=ipv6_prefix,
         )
-        self._items: dict[str, str] = {}  # bucket name -> pre-rendered RateLimit-Policy item
+        self._headers: dict[str, PolicyHeader] = {}  # bucket name -> its pre-rendered headers
 
     def __repr__(self) -> str:
         rule = self.policy.rule
@@ -136,11 +136,11 @@ class limit:
         store = policy.store if policy.store is not None else limits.store
 
         bucket = policy.name or _route_bucket(scope)
-        item = self._items.get(bucket)
-        if item is None:
-            item = policy_item(bucket, policy.rule)
-            if len(self._items) < 1024:  # route templates are few; raw paths (no route) are not
-                self._items[bucket] = item
+        header = self._headers.get(bucket)
+        if header is None:
+            header = PolicyHeader(bucket, policy.rule)
+            if len(self._headers) < 1024:  # route templates are few; raw paths (no route) are not
+                self._headers[bucket] = header
         client = await policy.client_id(scope, request)
         cost = await policy.cost_of(request)
         try:
@@ -149,7 +149,7 @@ class limit:
             raise HTTPException(
                 503, UNAVAILABLE_MESSAGE, headers={"Retry-After": str(unavailable_seconds(exc))}
             ) from exc
-        limits.applied.append(Applied(bucket, item, decision))
+        limits.applied.append(Applied(header, decision))
 
         # Behind RateGuard, its send wrapper renders the headers of every limit that applied.
         headers = None if behind_middleware else _as_dict(render_headers(limits.applied))

@@ -142,8 +142,17 @@ def _sf_string(text: str) -> str:
     return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def policy_item(name: str, rule: Rule) -> str:
-    return f"{_sf_string(name)};q={rule.burst};w={rule.window}"
+class PolicyHeader:
+    """The parts of a policy's headers that never change, rendered once as bytes."""
+
+    __slots__ = ("item", "limit", "name", "sf_name")
+
+    def __init__(self, name: str, rule: Rule) -> None:
+        self.name = name
+        sf = _sf_string(name)
+        self.sf_name = sf.encode("latin-1")
+        self.item = f"{sf};q={rule.burst};w={rule.window}".encode("latin-1")
+        self.limit = str(rule.burst).encode()
 
 
 def _ceil(seconds: float) -> int:
@@ -151,14 +160,22 @@ def _ceil(seconds: float) -> int:
 
 
 class Applied:
-    """A decision together with the policy name it was made under."""
+    """A decision together with the policy it was made under."""
 
-    __slots__ = ("decision", "name", "policy_item")
+    __slots__ = ("decision", "policy")
 
-    def __init__(self, name: str, policy_item: str, decision: Decision) -> None:
-        self.name = name
-        self.policy_item = policy_item
+    def __init__(self, policy: PolicyHeader, decision: Decision) -> None:
+        self.policy = policy
         self.decision = decision
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+
+def _ratelimit_item(a: Applied) -> bytes:
+    d = a.decision
+    return b"%s;r=%d;t=%d" % (a.policy.sf_name, d.remaining, _ceil(d.next_token_after))
 
 
 def render_headers(applied: list[Applied]) -> list[tuple[bytes, bytes]]:
@@ -167,30 +184,32 @@ def render_headers(applied: list[Applied]) -> list[tuple[bytes, bytes]]:
     ``RateLimit-Policy``/``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10) list each policy;
     the ``X-RateLimit-*`` trio describes the most restrictive one; ``Retry-After`` only on denial.
     """
-    if len(applied) == 1:
+    if len(applied) == 1:  # the common case, kept cheap: it runs on every response
         worst = applied[0]
-    else:
-        # Denied beats allowed; then fewest remaining; then longest wait.
-        worst = min(
-            applied,
-            key=lambda a: (a.decision.allowed, a.decision.remaining, -a.decision.retry_after),
-        )
+        d = worst.decision
+        headers = [
+            (b"ratelimit-policy", worst.policy.item),
+            (b"ratelimit", _ratelimit_item(worst)),
+            (b"x-ratelimit-limit", worst.policy.limit),
+            (b"x-ratelimit-remaining", b"%d" % d.remaining),
+            (b"x-ratelimit-reset", b"%d" % _ceil(d.reset_after)),
+        ]
+        if not d.allowed:
+            headers.append((b"retry-after", b"%d" % max(1, _ceil(d.retry_after))))
+        return headers
+    # Denied beats allowed; then fewest remaining; then longest wait.
+    worst = min(applied, key=lambda a: (a.decision.allowed, a.decision.remaining, -a.decision.retry_after))
     d = worst.decision
-    policies = ", ".join(a.policy_item for a in applied)
-    limits = ", ".join(
-        f"{_sf_string(a.name)};r={a.decision.remaining};t={_ceil(a.decision.next_token_after)}"
-        for a in applied
-    )
     headers = [
-        (b"ratelimit-policy", policies.encode("latin-1")),
-        (b"ratelimit", limits.encode("latin-1")),
-        (b"x-ratelimit-limit", str(d.limit).encode()),
-        (b"x-ratelimit-remaining", str(d.remaining).encode()),
-        (b"x-ratelimit-reset", str(_ceil(d.reset_after)).encode()),
+        (b"ratelimit-policy", b", ".join([a.policy.item for a in applied])),
+        (b"ratelimit", b", ".join([_ratelimit_item(a) for a in applied])),
+        (b"x-ratelimit-limit", worst.policy.limit),
+        (b"x-ratelimit-remaining", b"%d" % d.remaining),
+        (b"x-ratelimit-reset", b"%d" % _ceil(d.reset_after)),
     ]
     denied = [a.decision.retry_after for a in applied if not a.decision.allowed]
     if denied:
-        headers.append((b"retry-after", str(max(1, _ceil(max(denied)))).encode()))
+        headers.append((b"retry-after", b"%d" % max(1, _ceil(max(denied)))))
     return headers
 
 

@@ -7,7 +7,9 @@ from collections.abc import Iterable
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rateguard.bucket import Decision
 from rateguard.errors import StoreError
+from rateguard.identity import encode_identifier
 from rateguard.limiter import (
     DEFAULT_MESSAGE,
     SCOPE_KEY,
@@ -16,10 +18,10 @@ from rateguard.limiter import (
     Cost,
     Identifier,
     Policy,
+    PolicyHeader,
     Predicate,
     RequestLimits,
     error_body,
-    policy_item,
     render_headers,
     retry_after_seconds,
     unavailable_seconds,
@@ -77,7 +79,11 @@ class RateGuard:
         )
         self.store: Store = store if store is not None else MemoryStore()
         self.name = name
-        self._policy_item = policy_item(name, self.policy.rule)
+        self._header = PolicyHeader(name, self.policy.rule)
+        self._plain = not self.policy.needs_request
+        self._cost = self.policy.cost if isinstance(self.policy.cost, int) else 1
+        # MemoryStore decides without awaiting; calling it directly saves a coroutine per request.
+        self._take_now = self.store.take_now if type(self.store) is MemoryStore else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,19 +96,28 @@ class RateGuard:
             limits = scope[SCOPE_KEY] = RequestLimits(self.store)
 
         policy = self.policy
-        request = Request(scope, receive) if policy.needs_request else None
-        if request is None or not await policy.should_skip(request):
-            client = await policy.client_id(scope, request)
-            cost = await policy.cost_of(request)
-            try:
-                decision = await self.store.take(client, self.name, policy.rule, cost)
-            except StoreError as exc:
-                # The store is down and its policy refuses (RedisStore(on_error="deny")), or a
-                # custom store failed: answer 503, never a 500.
-                await self._unavailable(exc, send)
-                return
-            applied = Applied(self.name, self._policy_item, decision)
-            limits.applied.append(applied)
+        decision: Decision | None = None
+        try:
+            if self._plain:
+                # No user callables: no Request object, no awaits but the store's.
+                client = encode_identifier(policy.client_address(scope))
+                if self._take_now is not None:
+                    decision = self._take_now(client, self.name, policy.rule, self._cost)
+                else:
+                    decision = await self.store.take(client, self.name, policy.rule, self._cost)
+            else:
+                request = Request(scope, receive)
+                if not await policy.should_skip(request):
+                    client = await policy.client_id(scope, request)
+                    cost = await policy.cost_of(request)
+                    decision = await self.store.take(client, self.name, policy.rule, cost)
+        except StoreError as exc:
+            # The store is down and its policy refuses (RedisStore(on_error="deny")), or a custom
+            # store failed: answer 503, never a 500.
+            await self._unavailable(exc, send)
+            return
+        if decision is not None:
+            limits.applied.append(Applied(self._header, decision))
             if not decision.allowed:
                 # An outer RateGuard's send wrapper adds the headers; the outermost adds its own.
                 await self._reject(limits.applied, outermost, send)
