@@ -1,5 +1,6 @@
 """rateguard: distributed token-bucket rate limiting for FastAPI and Starlette."""
 
+from rateguard.admin import admin_router
 from rateguard.bucket import BucketState, Decision, Rule
 from rateguard.dependencies import RateLimitExceeded, limit
 from rateguard.errors import ConfigurationError, RateGuardError, StoreError
@@ -24,6 +25,7 @@ __all__ = [
     "Rule",
     "Store",
     "StoreError",
+    "admin_router",
     "encode_identifier",
     "limit",
 ]

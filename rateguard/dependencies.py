@@ -75,10 +75,32 @@ def _as_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 def _route_bucket(scope: Any) -> str:
+    """``"<METHODS> <path template>"`` of the route that matched, e.g. ``"GET /items/{id}"``.
+
+    FastAPI hands the dependency the router's own route object, whose template lacks the prefix
+    it was included under (``include_router(r, prefix="/v1")``); the prefix is recovered from the
+    request path, so ``/v1/items/{id}`` and ``/v2/items/{id}`` don't share a bucket.
+    """
     route = scope.get("route")
-    path = getattr(route, "path", None) or scope.get("path", "")
+    template = getattr(route, "path", None)
+    if template is None:
+        return str(scope.get("path", ""))
+    prefix = ""
+    path = scope.get("path")
+    regex = getattr(route, "path_regex", None)
+    if path is not None and regex is not None:
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        if not regex.match(path):
+            for i in range(1, len(path)):
+                if path[i] == "/" and regex.match(path[i:]):
+                    prefix = path[:i]
+                    break
+        prefix = root + prefix
     methods = getattr(route, "methods", None)
-    return f"{','.join(sorted(methods))} {path}" if methods else str(path)
+    full = prefix + template
+    return f"{','.join(sorted(methods))} {full}" if methods else full
 
 
 class limit:

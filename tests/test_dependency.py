@@ -191,3 +191,23 @@ async def test_readme_snippet_with_redis_client(redis_url: str) -> None:
         assert await client.exists("rateguard:{203.0.113.7}:global") == 1
     finally:
         await store.close()
+
+
+async def test_routers_included_under_two_prefixes_have_separate_buckets() -> None:
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.get("/items/{item_id}", dependencies=[Depends(limit(2))])
+    async def item(item_id: int) -> dict[str, int]:
+        return {"id": item_id}
+
+    app = FastAPI()
+    app.include_router(router, prefix="/v1")
+    app.include_router(router, prefix="/v2")
+    async with client_for(app, "192.0.2.123") as client:
+        codes = [(await client.get(p)).status_code for p in ("/v1/items/1", "/v1/items/2", "/v1/items/3")]
+        r = await client.get("/v2/items/1")
+    assert codes == [200, 200, 429]
+    assert r.status_code == 200
+    assert r.headers["ratelimit-policy"] == '"GET /v2/items/{item_id}";q=2;w=60'

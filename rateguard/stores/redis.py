@@ -214,10 +214,11 @@ class RedisStore:
         self.degraded_decisions = 0
         self.deny_cache_hits = 0
         self._unflushed = [0, 0]
-        self._flushed_at = 0.0
+        self._flush_handle: asyncio.TimerHandle | None = None
         self._flushing = False
 
         self._deny: dict[str, _DenyEntry] = {}
+        self._bucket_parts: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._batcher: Batcher | None = None
         self._channels: dict[str, Channel] = {}
@@ -235,7 +236,12 @@ class RedisStore:
         return self._client
 
     def key(self, client: str, bucket: str) -> str:
-        return f"{self.prefix}{{{client}}}:{encode_identifier(bucket)}"
+        part = self._bucket_parts.get(bucket)
+        if part is None:
+            part = encode_identifier(bucket)
+            if len(self._bucket_parts) < 4096:  # bucket names are few: "global" and route templates
+                self._bucket_parts[bucket] = part
+        return f"{self.prefix}{{{client}}}:{part}"
 
     # -- the hot path ---------------------------------------------------------------------------
 
@@ -270,16 +276,9 @@ class RedisStore:
             return self._fallback(client, bucket, rule, cost)
         allowed, remaining, retry_after, reset_after = reply
         retry = float(retry_after)
-        if allowed:
-            self.allowed += 1
-            self._unflushed[0] += 1
-        else:
-            self.limited += 1
-            self._unflushed[1] += 1
-            if self.deny_cache and self._subscribed and now is None:
-                self._remember_denial(key, cost - retry * rule.rate, rule)
-        if time.monotonic() - self._flushed_at >= 1.0:
-            self._flush_counters_soon()
+        self._count(allowed)
+        if not allowed and self.deny_cache and self._subscribed and now is None:
+            self._remember_denial(key, cost - retry * rule.rate, rule)
         return Decision(bool(allowed), rule.burst, int(remaining), retry, float(reset_after), rule.rate)
 
     def _cached_denial(self, key: str, entry: _DenyEntry, rule: Rule, cost: int) -> Decision | None:
@@ -292,8 +291,7 @@ class RedisStore:
         if tokens + EPSILON >= cost:
             del self._deny[key]
             return None
-        self.limited += 1
-        self._unflushed[1] += 1
+        self._count(False)
         self.deny_cache_hits += 1
         return Decision(
             False,
@@ -329,10 +327,7 @@ class RedisStore:
                 f"Redis is unavailable ({self.last_error}); on_error='deny'",
                 retry_after=max(1.0, self._retry_at - time.monotonic()),
             )
-        if decision.allowed:
-            self.allowed += 1
-        else:
-            self.limited += 1
+        self._count(decision.allowed)
         return decision
 
     def _on_failure(self, exc: BaseException) -> None:
@@ -454,7 +449,9 @@ class RedisStore:
                         self._subscribed = True
                     elif message["type"] == "message":
                         data = message["data"]
-                        self._forget_client(data.decode() if isinstance(data, bytes) else str(data))
+                        client = data.decode() if isinstance(data, bytes) else str(data)
+                        self._forget_client(client)
+                        await self._local.reset(client)
             except asyncio.CancelledError:
                 raise
             except Exception:  # any failure: the cache is off until subscribed again
@@ -478,14 +475,31 @@ class RedisStore:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def _count(self, allowed: Any) -> None:
+        if allowed:
+            self.allowed += 1
+            self._unflushed[0] += 1
+        else:
+            self.limited += 1
+            self._unflushed[1] += 1
+        if self._flush_handle is None and self._loop is not None:
+            # Add this process's counts to the shared totals within a second, even if it goes idle.
+            self._flush_handle = self._loop.call_later(1.0, self._flush_counters_soon)
+
     def _flush_counters_soon(self) -> None:
-        self._flushed_at = time.monotonic()
-        if not self._flushing and not self.degraded:
+        self._flush_handle = None
+        if self.degraded:  # kept until Redis answers again
+            if self._loop is not None and not self._closing:
+                self._flush_handle = self._loop.call_later(1.0, self._flush_counters_soon)
+            return
+        if not self._flushing and not self._closing:
             self._flushing = True
             self._spawn(self._flush_counters())
 
     async def _flush_counters(self) -> None:
+        # Taken before the first await: a concurrent flush can't add the same counts twice.
         allowed, limited = self._unflushed
+        self._unflushed = [0, 0]
         try:
             if allowed or limited:
                 async with asyncio.timeout(self.timeout * 4):
@@ -495,10 +509,9 @@ class RedisStore:
                         # Like every rateguard key, the totals expire: after a day with no traffic.
                         pipe.expire(self._stats_key, 86_400)
                         await pipe.execute()
-                self._unflushed[0] -= allowed
-                self._unflushed[1] -= limited
         except (TimeoutError, RedisError, OSError):
-            pass  # kept for the next flush
+            self._unflushed[0] += allowed  # kept for the next flush
+            self._unflushed[1] += limited
         finally:
             self._flushing = False
 
@@ -557,8 +570,9 @@ class RedisStore:
             keys = await self._client_keys(client)
             if keys:
                 await self._client.delete(*keys)
-            # Every server (this one too) drops its cached denials for this client.
+            # Every server (this one too) drops its cached denials and fallback buckets.
             self._forget_client(client)
+            await self._local.reset(client)
             await self._client.publish(self._channel_name, client)
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis could not reset {client!r}: {exc}") from exc
@@ -593,6 +607,8 @@ class RedisStore:
                 t0 = time.perf_counter()
                 await self._client.ping()
                 latency = (time.perf_counter() - t0) * 1000
+                if self._background:  # a flush in flight: let its counts land first
+                    await asyncio.wait(self._background, timeout=self.timeout * 4)
                 await self._flush_counters()
                 totals = await self._client.hmget(self._stats_key, "allowed", "limited")
                 buckets = await self.count()
@@ -609,6 +625,9 @@ class RedisStore:
 
     async def close(self) -> None:
         self._closing = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         if self._listener is not None:
             # redis-py may turn a cancellation in the middle of a connect into a ConnectionError;
             # the flag ends the loop then, and the wait is bounded whatever happens.

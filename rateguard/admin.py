@@ -1,0 +1,454 @@
+"""The admin API: stats, one client's buckets, and reset, as an ASGI app to mount.
+
+    app.mount("/api/admin", admin_router())
+
+    GET  /stats                    decisions allowed/limited (this server, and every server on Redis),
+                                   buckets, store health, rules in force
+    GET  /bucket/{identifier}      every bucket of one client, stored or (if it has none) full
+    POST /reset/{identifier}       clear every bucket of one client, on every server sharing the store
+
+What it reports is read from the app it is mounted in: the `RateGuard` middleware and every
+`limit()` dependency of its routes, with their stores. Access: with a token (``token=`` or the
+``RATEGUARD_ADMIN_TOKEN`` environment variable) every call needs ``Authorization: Bearer <token>``;
+without one, only loopback peers (``scope["client"]``) that carry no forwarding headers may call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send
+
+from rateguard.bucket import BucketState, Rule
+from rateguard.dependencies import default_store, limit
+from rateguard.errors import ConfigurationError, StoreError
+from rateguard.identity import ClientAddress, encode_identifier
+from rateguard.limiter import Policy
+from rateguard.middleware import RateGuard
+from rateguard.stores import Store, StoreStats
+
+TOKEN_ENV = "RATEGUARD_ADMIN_TOKEN"
+_SHORT_TOKEN = 16
+_FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+_KINDS = ("any", "address", "identifier")
+
+logger = logging.getLogger("rateguard.admin")
+
+
+@dataclass(frozen=True, slots=True)
+class RuleInForce:
+    """One bucket name an app's limits use: where it applies, its rule and the store holding it."""
+
+    bucket: str
+    applies_to: str  # "every request" or the routes, e.g. "GET,POST /api/expensive"
+    rule: Rule
+    store: Store
+    policy: Policy
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "bucket": self.bucket,
+            "applies_to": self.applies_to,
+            "requests_per_minute": self.rule.requests_per_minute,
+            "capacity": self.rule.burst,
+            "window": self.rule.window,
+            "identity": "identifier" if self.policy.identifier is not None else "address",
+            "store": self.store.kind,
+        }
+
+
+def admin_router(store: Store | None = None, *, token: str | None = None) -> AdminAPI:
+    """The admin API as an ASGI app: ``app.mount("/api/admin", admin_router())``.
+
+    :param store: a store to report on and reset besides those found in the app (the stores of its
+        `RateGuard` and ``limit()`` dependencies); needed only when the limits live elsewhere.
+    :param token: the bearer token every call must carry; by default ``RATEGUARD_ADMIN_TOKEN``,
+        read now. Without a token only loopback clients are served.
+    """
+    return AdminAPI(store=store, token=token)
+
+
+class AdminAPI:
+    """Stats, inspect and reset for an app's rate limits, behind a bearer token or loopback."""
+
+    def __init__(self, *, store: Store | None = None, token: str | None = None) -> None:
+        if store is not None and not isinstance(store, Store):
+            raise ConfigurationError(
+                f"store must be a rateguard store such as MemoryStore() or RedisStore(...), "
+                f"got {type(store).__name__}"
+            )
+        self.store = store
+        self._digest = _token_digest(token)
+        self.router = Router(
+            routes=[
+                Route("/stats", self.stats, methods=["GET"]),
+                Route("/bucket/{identifier:path}", self.bucket, methods=["GET"]),
+                Route("/reset/{identifier:path}", self.reset, methods=["POST"]),
+            ]
+        )
+
+    @property
+    def token_required(self) -> bool:
+        return self._digest is not None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            # Every path, known or not, is checked before routing: nothing is told to a stranger.
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await self.router(scope, receive, send)
+
+    # -- access -----------------------------------------------------------------------------
+
+    def _refusal(self, scope: Scope) -> Response | None:
+        if self._digest is not None:
+            given = _bearer_token(scope)
+            if given is not None and hmac.compare_digest(hashlib.sha256(given).digest(), self._digest):
+                return None
+            challenge = 'Bearer realm="rateguard-admin"'
+            if given is not None:
+                challenge += ', error="invalid_token"'
+            return _error(
+                401,
+                "Unauthorized",
+                "the admin API needs the header 'Authorization: Bearer <RATEGUARD_ADMIN_TOKEN>'",
+                {"WWW-Authenticate": challenge},
+            )
+        client = scope.get("client")
+        if not client or not _is_loopback(str(client[0])):
+            return _error(
+                403,
+                "Forbidden",
+                "without RATEGUARD_ADMIN_TOKEN the admin API only answers clients on this machine "
+                "(loopback); set the token to call it from elsewhere",
+            )
+        if any(name in _FORWARDING_HEADERS for name, _ in scope.get("headers", ())):
+            # A loopback peer forwarding someone else's request is a proxy on this host: the real
+            # client is not local, and a header is no proof of who it is.
+            return _error(
+                403,
+                "Forbidden",
+                "the request came through a proxy; without RATEGUARD_ADMIN_TOKEN the admin API only "
+                "answers direct loopback clients",
+            )
+        return None
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    async def stats(self, request: Request) -> Response:
+        rules = discover_rules(request.scope.get("app"))
+        stores = self._stores(rules)
+        per_store: list[dict[str, Any]] = []
+        totals = {"allowed": 0, "limited": 0, "allowed_total": 0, "limited_total": 0, "buckets": 0}
+        for store in stores:
+            st = await _stats(store)
+            for name in totals:
+                totals[name] += getattr(st, name)
+            per_store.append(
+                {
+                    "kind": st.kind,
+                    "shared": st.kind != "memory",
+                    "healthy": st.healthy,
+                    "latency_ms": st.latency_ms,
+                    "degraded": st.degraded,
+                    "detail": st.detail,
+                    "allowed": st.allowed_total,
+                    "limited": st.limited_total,
+                    "buckets": st.buckets,
+                }
+            )
+        body = {
+            # Counted per decision: a request that passes the global limit and a route's limit
+            # makes two. On a shared store the totals hold each server's counts as of its last flush.
+            "decisions": {
+                "allowed": totals["allowed_total"],
+                "limited": totals["limited_total"],
+                "this_server": {"allowed": totals["allowed"], "limited": totals["limited"]},
+            },
+            "buckets": totals["buckets"],
+            "store": per_store[0] if per_store else None,
+            "stores": per_store,
+            "rules": [r.as_json() for r in rules],
+            "server": {"host": socket.gethostname(), "pid": os.getpid()},
+        }
+        return JSONResponse(body)
+
+    async def bucket(self, request: Request) -> Response:
+        identifier: str = request.path_params["identifier"]
+        kind = request.query_params.get("kind", "any")
+        if kind not in _KINDS:
+            return _error(400, "Bad Request", f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+        rules = discover_rules(request.scope.get("app"))
+        keys = client_keys(identifier, kind, rules)
+        stores = self._stores(rules)
+        try:
+            found = [
+                (store, key, state) for store in stores for key in keys for state in await store.inspect(key)
+            ]
+        except StoreError as exc:
+            return _error(503, "Service Unavailable", str(exc))
+
+        buckets: list[dict[str, Any]] = []
+        shown: set[int] = set()
+        for r in rules:
+            mine = [
+                (i, key, state)
+                for i, (store, key, state) in enumerate(found)
+                if store is r.store and state.bucket == r.bucket
+            ]
+            for i, key, state in mine:
+                shown.add(i)
+                buckets.append(_bucket_json(key, state, r, stored=True))
+            if not mine:
+                # No stored bucket means a full one: that is how a token bucket starts.
+                key = _natural_key(keys, r)
+                full = BucketState(r.bucket, float(r.rule.burst), r.rule.burst, r.rule.rate)
+                buckets.append(_bucket_json(key, full, r, stored=False))
+        for i, (_, key, state) in enumerate(found):
+            if i not in shown:  # a bucket no current rule names (e.g. a route since removed)
+                buckets.append(_bucket_json(key, state, None, stored=True))
+        return JSONResponse({"identifier": identifier, "kind": kind, "keys": keys, "buckets": buckets})
+
+    async def reset(self, request: Request) -> Response:
+        identifier: str = request.path_params["identifier"]
+        kind = request.query_params.get("kind", "any")
+        if kind not in _KINDS:
+            return _error(400, "Bad Request", f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+        rules = discover_rules(request.scope.get("app"))
+        keys = client_keys(identifier, kind, rules)
+        cleared: list[dict[str, str]] = []
+        try:
+            for store in self._stores(rules):
+                for key in keys:
+                    for name in await store.reset(key):
+                        cleared.append({"key": key, "bucket": name, "store": store.kind})
+        except StoreError as exc:
+            return _error(503, "Service Unavailable", str(exc))
+        peer = request.scope.get("client")
+        logger.info(
+            "admin reset of %r (keys %s) from %s cleared %d bucket(s)",
+            identifier,
+            ", ".join(keys),
+            peer[0] if peer else "unknown",
+            len(cleared),
+        )
+        return JSONResponse({"identifier": identifier, "kind": kind, "keys": keys, "cleared": cleared})
+
+    def _stores(self, rules: list[RuleInForce]) -> list[Store]:
+        stores: list[Store] = [] if self.store is None else [self.store]
+        for r in rules:
+            if not any(s is r.store for s in stores):
+                stores.append(r.store)
+        return stores
+
+
+# ---------------------------------------------------------------------------------------------
+# Which limits an app has
+
+
+def discover_rules(app: Any) -> list[RuleInForce]:
+    """The bucket names, rules and stores of an app's `RateGuard` middleware and ``limit()`` routes."""
+    if app is None:
+        return []
+    guards = [node for node in _middleware_chain(app) if isinstance(node, RateGuard)]
+    rules: list[RuleInForce] = [
+        RuleInForce(g.name, "every request", g.policy.rule, g.store, g.policy) for g in guards
+    ]
+    # limit() without store= uses the store of the request's outermost RateGuard, else a default.
+    route_store: Store | None = guards[0].store if guards else None
+    seen: dict[tuple[int, str], int] = {}
+    for bucket, applies_to, dep in _route_limits(getattr(app, "routes", []), depth=0):
+        store = dep.policy.store
+        if store is None:
+            store = route_store if route_store is not None else default_store()
+        at = seen.get((id(store), bucket))
+        if at is None:
+            seen[(id(store), bucket)] = len(rules)
+            rules.append(RuleInForce(bucket, applies_to, dep.policy.rule, store, dep.policy))
+        elif applies_to not in rules[at].applies_to.split(", "):  # limit(name=...) on several routes
+            old = rules[at]
+            rules[at] = RuleInForce(
+                old.bucket, f"{old.applies_to}, {applies_to}", old.rule, old.store, old.policy
+            )
+    return rules
+
+
+def _middleware_chain(app: Any) -> Iterator[Any]:
+    node = getattr(app, "middleware_stack", None)  # built by Starlette on its first request
+    seen: set[int] = set()
+    while node is not None and id(node) not in seen and len(seen) < 64:
+        seen.add(id(node))
+        yield node
+        node = getattr(node, "app", None)
+
+
+def _route_limits(routes: Any, depth: int, prefix: str = "") -> Iterator[tuple[str, str, limit]]:
+    if depth > 8:
+        return
+    for route in routes:
+        # FastAPI's included routers hold each route with its prefix in an "effective" context.
+        contexts = getattr(route, "effective_route_contexts", None)
+        if callable(contexts):
+            for ctx in contexts():
+                yield from _limits_of(getattr(ctx, "dependant", None), ctx, prefix)
+                sub = getattr(ctx, "starlette_route", None)
+                if sub is not None and hasattr(sub, "routes"):
+                    yield from _route_limits(sub.routes, depth + 1, prefix + getattr(ctx, "path", ""))
+            continue
+        yield from _limits_of(getattr(route, "dependant", None), route, prefix)
+        if hasattr(route, "routes") and not hasattr(route, "dependant"):  # Mount, Host
+            yield from _route_limits(route.routes, depth + 1, prefix + getattr(route, "path", ""))
+
+
+def _limits_of(dependant: Any, shown: Any, prefix: str) -> Iterator[tuple[str, str, limit]]:
+    if dependant is None:
+        return
+    methods = getattr(shown, "methods", None)
+    path = prefix + getattr(shown, "path", "")
+    # The same naming limit() uses at request time: methods and the full path template.
+    applies_to = f"{','.join(sorted(methods))} {path}" if methods else str(path)
+    stack, visited = [dependant], 0
+    while stack and visited < 256:
+        dep = stack.pop()
+        visited += 1
+        call = getattr(dep, "call", None)
+        if isinstance(call, limit):
+            yield call.policy.name or applies_to, applies_to, call
+        stack.extend(getattr(dep, "dependencies", ()))
+
+
+# ---------------------------------------------------------------------------------------------
+# From a path identifier to store keys
+
+
+def client_keys(identifier: str, kind: str, rules: list[RuleInForce]) -> list[str]:
+    """The store keys an identifier from a URL stands for; the text is never a pattern.
+
+    ``address``: the key the client's IP gets, IPv6 grouped by each rule's ``ipv6_prefix`` (an
+    address inside a /64 finds the /64's bucket). ``identifier``: the key of an ``identifier=``
+    callable's value (``"id:" + encode_identifier(value)``). ``any``: both.
+    """
+    keys: list[str] = []
+    if kind in ("any", "address"):
+        host = identifier
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        prefixes = sorted({r.policy.client_address.ipv6_prefix for r in rules} or {64})
+        for prefix in prefixes:
+            key = encode_identifier(ClientAddress(ipv6_prefix=prefix)({"client": (host, 0)}))
+            if key not in keys:
+                keys.append(key)
+    if kind in ("any", "identifier"):
+        key = "id:" + encode_identifier(identifier)
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def _natural_key(keys: list[str], rule: RuleInForce) -> str:
+    if rule.policy.identifier is not None:
+        for key in keys:
+            if key.startswith("id:"):
+                return key
+    return keys[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _bucket_json(key: str, state: BucketState, rule: RuleInForce | None, *, stored: bool) -> dict[str, Any]:
+    return {
+        "bucket": state.bucket,
+        "key": key,
+        "stored": stored,
+        "tokens": round(state.tokens, 3),
+        "capacity": state.capacity,
+        "rate": state.rate,
+        "requests_per_minute": round(state.requests_per_minute, 6),
+        "retry_after": round(state.retry_after, 3),
+        "reset_after": round(state.reset_after, 3),
+        "applies_to": rule.applies_to if rule is not None else None,  # None: no rule in force names it
+    }
+
+
+async def _stats(store: Store) -> StoreStats:
+    try:
+        return await store.stats()
+    except Exception as exc:  # a broken store is reported, not turned into a 500
+        return StoreStats(store.kind, 0, 0, 0, 0, 0, False, None, False, f"{type(exc).__name__}: {exc}")
+
+
+def _error(status: int, error: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": error, "message": message}, status_code=status, headers=headers)
+
+
+def _token_digest(token: str | None) -> bytes | None:
+    source = "token"
+    if token is None:
+        token = os.environ.get(TOKEN_ENV, "").strip() or None
+        source = TOKEN_ENV
+        if token is None:
+            return None
+    if not isinstance(token, str) or not token:
+        raise ConfigurationError(
+            f"token must be a non-empty string, got {token!r}; leave it out to read {TOKEN_ENV}, "
+            "or generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if any(not "\x21" <= c <= "\x7e" for c in token):
+        raise ConfigurationError(
+            f"{source} must be printable ASCII with no spaces (it travels in an HTTP header); "
+            "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    if len(token) < _SHORT_TOKEN:
+        logger.warning(
+            "%s is only %d characters long; use at least %d random ones, e.g. "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            source,
+            len(token),
+            _SHORT_TOKEN,
+        )
+    return hashlib.sha256(token.encode("ascii")).digest()
+
+
+def _bearer_token(scope: Scope) -> bytes | None:
+    values = [value for name, value in scope.get("headers", ()) if name == b"authorization"]
+    if len(values) != 1:
+        return None  # none, or several: ambiguous, refuse
+    scheme, _, credentials = values[0].strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    credentials = credentials.strip()
+    return credentials or None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    host = host.split("%", 1)[0]  # an IPv6 zone
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name, a unix socket path, "testclient": not provably local
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
+
+
+__all__ = ["TOKEN_ENV", "AdminAPI", "RuleInForce", "admin_router", "client_keys", "discover_rules"]
