@@ -85,6 +85,7 @@ class Decision:
     retry_after: float  # seconds until the request could pass; 0 when allowed
     reset_after: float  # seconds until the bucket is full again
     rate: float = 0.0  # tokens per second, so headers can tell when the next token comes
+    degraded: bool = False  # made by a fallback while the shared store was unreachable
 
     @property
     def next_token_after(self) -> float:

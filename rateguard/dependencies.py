@@ -21,6 +21,7 @@ from rateguard.limiter import (
     PolicyHeader,
     Predicate,
     RequestLimits,
+    count,
     error_body,
     render_headers,
     retry_after_seconds,
@@ -171,6 +172,7 @@ class limit:
             raise HTTPException(
                 503, UNAVAILABLE_MESSAGE, headers={"Retry-After": str(unavailable_seconds(exc))}
             ) from exc
+        count(policy.counter(bucket), decision)
         limits.applied.append(Applied(header, decision))
 
         # Behind RateGuard, its send wrapper renders the headers of every limit that applied.

@@ -37,6 +37,7 @@ class Policy:
     __slots__ = (
         "client_address",
         "cost",
+        "counts",
         "identifier",
         "message",
         "name",
@@ -85,6 +86,17 @@ class Policy:
         self.message = message
         self.name = name
         self.client_address = ClientAddress(trusted_proxies, ipv6_prefix)
+        # Decisions per bucket name: [allowed, limited, degraded], read by metrics and the admin.
+        self.counts: dict[str, list[int]] = {}
+
+    def counter(self, bucket: str) -> list[int]:
+        """The decision counts of one bucket name (created on first use, bounded)."""
+        counts = self.counts.get(bucket)
+        if counts is None:
+            counts = [0, 0, 0]
+            if len(self.counts) < 1024:  # bucket names are route templates: few
+                self.counts[bucket] = counts
+        return counts
 
     @property
     def needs_request(self) -> bool:
@@ -140,6 +152,15 @@ def _sf_string(text: str) -> str:
     """A Structured Field string (RFC 9651): printable ASCII, quotes and backslashes escaped."""
     cleaned = "".join(c if " " <= c <= "~" else "?" for c in text)
     return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def count(counts: list[int], decision: Decision) -> None:
+    if decision.degraded:
+        counts[2] += 1
+    elif decision.allowed:
+        counts[0] += 1
+    else:
+        counts[1] += 1
 
 
 class PolicyHeader:

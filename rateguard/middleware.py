@@ -21,6 +21,7 @@ from rateguard.limiter import (
     PolicyHeader,
     Predicate,
     RequestLimits,
+    count,
     error_body,
     render_headers,
     retry_after_seconds,
@@ -81,6 +82,7 @@ class RateGuard:
         self.name = name
         self._header = PolicyHeader(name, self.policy.rule)
         self._plain = not self.policy.needs_request
+        self._counts = self.policy.counter(name)
         self._cost = self.policy.cost if isinstance(self.policy.cost, int) else 1
         # MemoryStore decides without awaiting; calling it directly saves a coroutine per request.
         self._take_now = self.store.take_now if type(self.store) is MemoryStore else None
@@ -117,6 +119,7 @@ class RateGuard:
             await self._unavailable(exc, send)
             return
         if decision is not None:
+            count(self._counts, decision)
             limits.applied.append(Applied(self._header, decision))
             if not decision.allowed:
                 # An outer RateGuard's send wrapper adds the headers; the outermost adds its own.

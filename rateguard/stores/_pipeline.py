@@ -50,10 +50,33 @@ class BatchFailed(Exception):
     """A command could not be answered (connection lost, deadline passed, node refusing)."""
 
 
+class Histogram:
+    """Counts of observations per upper bound (seconds), Prometheus style; cheap to update."""
+
+    BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, math.inf)
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(self.BOUNDS)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.sum += seconds
+        for i, bound in enumerate(self.BOUNDS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
 class _Entry:
     """One command on the wire, waiting for its reply."""
 
-    __slots__ = ("answered", "args", "attempts", "future", "key")
+    __slots__ = ("answered", "args", "attempts", "future", "key", "sent")
 
     def __init__(self, key: str, args: Command, future: asyncio.Future[Any], attempts: int = 0) -> None:
         self.key = key
@@ -61,6 +84,7 @@ class _Entry:
         self.future = future
         self.attempts = attempts
         self.answered = False
+        self.sent = 0.0  # set on the last command of a batch: its reply times the round trip
 
 
 class Channel:
@@ -101,7 +125,8 @@ class Channel:
             self.fail(exc, entries)
             return
         last = entries[-1]
-        loop.call_at(loop.time() + self._batcher.timeout, self._deadline, last)
+        last.sent = now = loop.time()
+        loop.call_at(now + self._batcher.timeout, self._deadline, last)
 
     def _deadline(self, last: _Entry) -> None:
         if not last.answered:
@@ -120,6 +145,8 @@ class Channel:
                     raise BatchFailed("a reply nobody asked for: the connection is out of step")
                 entry = fifo.popleft()
                 entry.answered = True
+                if entry.sent:
+                    batcher.latency.observe(batcher.loop.time() - entry.sent)
                 if isinstance(reply, ResponseError):
                     if not batcher.on_error_reply(entry, reply):
                         self.fail(BatchFailed(f"{type(reply).__name__}: {reply}"), [entry])
@@ -191,6 +218,7 @@ class Batcher:
         on_failure: Callable[[BaseException], None],
         on_success: Callable[[], None],
         on_moved: Callable[[], Awaitable[None]] | None = None,
+        latency: Histogram | None = None,
     ) -> None:
         self.sha = sha
         self.script = script
@@ -199,7 +227,8 @@ class Batcher:
         self._on_failure = on_failure
         self._on_success = on_success
         self._on_moved = on_moved
-        self._loop = asyncio.get_running_loop()
+        self._loop = self.loop = asyncio.get_running_loop()
+        self.latency = latency if latency is not None else Histogram()
         self._pending: list[_Entry] = []
         self._reload: list[_Entry] = []  # to resend after loading the script
         self._scheduled = False

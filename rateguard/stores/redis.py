@@ -22,7 +22,7 @@ from rateguard.bucket import EPSILON, BucketState, Decision, Rule, refill
 from rateguard.errors import ConfigurationError, StoreError, StoreUnavailable
 from rateguard.identity import encode_identifier
 from rateguard.stores import StoreStats
-from rateguard.stores._pipeline import Batcher, BatchFailed, Channel
+from rateguard.stores._pipeline import Batcher, BatchFailed, Channel, Histogram
 from rateguard.stores.memory import MemoryStore
 
 TOKEN_BUCKET_LUA = files("rateguard.stores").joinpath("token_bucket.lua").read_text("utf-8")
@@ -212,12 +212,14 @@ class RedisStore:
         self.allowed = 0
         self.limited = 0
         self.degraded_decisions = 0
+        self.errors = 0  # failed round trips (connection, timeout, refusing node)
         self.deny_cache_hits = 0
         self._unflushed = [0, 0]
         self._flush_handle: asyncio.TimerHandle | None = None
         self._flushing = False
 
         self._deny: dict[str, _DenyEntry] = {}
+        self._latency = Histogram()
         self._bucket_parts: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._batcher: Batcher | None = None
@@ -281,6 +283,11 @@ class RedisStore:
             self._remember_denial(key, cost - retry * rule.rate, rule)
         return Decision(bool(allowed), rule.burst, int(remaining), retry, float(reset_after), rule.rate)
 
+    @property
+    def latency(self) -> Histogram:
+        """Round-trip times of decision batches (seconds), for metrics."""
+        return self._latency
+
     def _cached_denial(self, key: str, entry: _DenyEntry, rule: Rule, cost: int) -> Decision | None:
         """A denial without a round trip, if the bucket can't hold ``cost`` tokens yet."""
         if entry.rate != rule.rate or entry.capacity != rule.burst:
@@ -319,9 +326,10 @@ class RedisStore:
     def _fallback(self, client: str, bucket: str, rule: Rule, cost: int) -> Decision:
         self.degraded_decisions += 1
         if self.on_error == "local":
-            decision = self._local.take_now(client, bucket, rule, cost)
+            d = self._local.take_now(client, bucket, rule, cost)
+            decision = Decision(d.allowed, d.limit, d.remaining, d.retry_after, d.reset_after, d.rate, True)
         elif self.on_error == "allow":
-            decision = Decision(True, rule.burst, rule.burst, 0.0, 0.0, rule.rate)
+            decision = Decision(True, rule.burst, rule.burst, 0.0, 0.0, rule.rate, True)
         else:
             raise StoreUnavailable(
                 f"Redis is unavailable ({self.last_error}); on_error='deny'",
@@ -331,6 +339,7 @@ class RedisStore:
         return decision
 
     def _on_failure(self, exc: BaseException) -> None:
+        self.errors += 1
         now = time.monotonic()
         self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if self.degraded and now < self._retry_at:
@@ -395,6 +404,7 @@ class RedisStore:
             on_failure=self._on_failure,
             on_success=self._on_success,
             on_moved=self._refresh_cluster if self.is_cluster else None,
+            latency=self._latency,
         )
         if self.deny_cache:
             self._listener = loop.create_task(self._listen_for_resets())
