@@ -541,9 +541,7 @@ class RedisStore:
             keys: list[bytes] = []
             cursor = 0
             while True:
-                cursor, batch = await cluster.execute_command(
-                    "SCAN", cursor, "MATCH", pattern, "COUNT", 1000, target_nodes=node
-                )
+                cursor, batch = await self._on_node(node, "SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
                 keys.extend(batch)
                 if int(cursor) == 0:
                     return keys
@@ -571,9 +569,17 @@ class RedisStore:
         return out
 
     async def _time_for(self, key: bytes) -> tuple[int, int]:
-        node = self._client.get_node_from_key(key)
-        sec, usec = await self._client.execute_command("TIME", target_nodes=node)
+        sec, usec = await self._on_node(self._client.get_node_from_key(key), "TIME")
         return int(sec), int(usec)
+
+    async def _on_node(self, node: Any, *command: Any) -> Any:
+        """One command on one cluster node (redis-py answers {node name: reply} for those)."""
+        reply = await self._client.execute_command(*command, target_nodes=node)
+        if isinstance(reply, dict) and len(reply) == 1:
+            return next(iter(reply.values()))
+        if command[0] == "SCAN" and isinstance(reply[0], dict):  # ({node: cursor}, keys)
+            return next(iter(reply[0].values())), reply[1]
+        return reply
 
     async def reset(self, client: str) -> list[str]:
         try:
@@ -596,8 +602,8 @@ class RedisStore:
                 for node in self._client.get_primaries():
                     cursor = 0
                     while True:
-                        cursor, batch = await self._client.execute_command(
-                            "SCAN", cursor, "MATCH", pattern, "COUNT", 1000, target_nodes=node
+                        cursor, batch = await self._on_node(
+                            node, "SCAN", cursor, "MATCH", pattern, "COUNT", 1000
                         )
                         n += len(batch)
                         if int(cursor) == 0:
