@@ -16,6 +16,11 @@ import redis
 from rateguard import MemoryStore, RedisStore
 from rateguard.stores import Store
 
+from .redis_topologies import _die_with_parent as die_with_parent
+
+# Real Redis Cluster and Sentinel topologies (fixtures redis_cluster, redis_sentinel, ...).
+pytest_plugins = ["tests.redis_topologies"]
+
 REDIS_HELP = (
     "redis-server is not on the PATH. Install it (Debian/Ubuntu: `sudo apt-get install -y "
     "redis-server`; macOS: `brew install redis`), or run only the memory tests with "
@@ -58,6 +63,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,  # no redis-server outlives a killed test run
         )  # fmt: skip
         deadline = time.monotonic() + 10
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
