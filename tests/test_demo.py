@@ -234,8 +234,13 @@ def load_compose() -> dict[str, Any]:
     return compose
 
 
-def demo_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: s for name, s in compose["services"].items() if name != "redis"}
+def demo_services(compose: dict[str, Any], profile: str | None = None) -> dict[str, dict[str, Any]]:
+    """The demo servers that `docker compose [--profile P] up` starts."""
+    return {
+        name: s
+        for name, s in compose["services"].items()
+        if "build" in s and (profile in s["profiles"] if "profiles" in s else profile is None)
+    }
 
 
 def test_compose_is_well_formed() -> None:
@@ -248,6 +253,8 @@ def test_compose_is_well_formed() -> None:
         assert "image" in service or "build" in service
         for port in service.get("ports", []):
             assert isinstance(port, str) and PORT.fullmatch(port), f"{name}: bad port {port!r}"
+        if service.get("restart") == "no":  # a one-shot job (the cluster's init): no healthcheck
+            continue
         health = service["healthcheck"]
         assert set(health) <= HEALTHCHECK_KEYS
         assert health["test"][0] in ("CMD", "CMD-SHELL")
@@ -287,9 +294,31 @@ def test_compose_runs_three_demo_servers_on_one_redis() -> None:
         assert "/health" in " ".join(service["healthcheck"]["test"])
 
 
+def test_compose_cluster_profile_runs_three_servers_on_a_redis_cluster() -> None:
+    compose = load_compose()
+    services = compose["services"]
+    nodes = {name: s for name, s in services.items() if name.startswith("redis-node-")}
+    assert len(nodes) == 3
+    for name, node in nodes.items():
+        assert node["profiles"] == ["cluster"]
+        assert "--cluster-enabled" in node["command"] and name in node["command"]
+    init = services["redis-cluster-init"]
+    assert init["profiles"] == ["cluster"] and "--cluster create" in init["command"][0]
+    demos = demo_services(compose, "cluster")
+    assert sorted(int(p.split(":")[-2]) for s in demos.values() for p in s["ports"]) == [3010, 3011, 3012]
+    for service in demos.values():
+        assert service["environment"]["RATEGUARD_REDIS_CLUSTER"] == "1"
+        assert service["environment"]["REDIS_URL"].startswith("redis://redis-node-")
+        assert service["depends_on"] == {
+            "redis-cluster-init": {"condition": "service_completed_successfully"}
+        }
+    # Without the profile, nothing of the cluster starts.
+    assert all("profiles" not in s for s in (services["redis"], *demo_services(compose).values()))
+
+
 def test_compose_takes_the_admin_token_from_the_environment_only() -> None:
     compose = load_compose()
-    for service in demo_services(compose).values():
+    for service in [*demo_services(compose).values(), *demo_services(compose, "cluster").values()]:
         token = service["environment"]["RATEGUARD_ADMIN_TOKEN"]
         # Required (${VAR:?message}): compose refuses to start without it; no default, no secret.
         assert re.fullmatch(r"\$\{RATEGUARD_ADMIN_TOKEN:\?[^}]+\}", token), token
