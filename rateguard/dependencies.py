@@ -126,6 +126,7 @@ class limit:
         name: str | None = None,
         trusted_proxies: Iterable[str] | None = None,
         ipv6_prefix: int = 64,
+        proxy_header: str = "x-forwarded-for",
     ) -> None:
         self.policy = Policy(
             requests_per_minute=requests_per_minute,
@@ -138,6 +139,7 @@ class limit:
             name=name,
             trusted_proxies=trusted_proxies,
             ipv6_prefix=ipv6_prefix,
+            proxy_header=proxy_header,
         )
         self._headers: dict[str, PolicyHeader] = {}  # bucket name -> its pre-rendered headers
 

@@ -59,6 +59,7 @@ class Policy:
         name: str | None = None,
         trusted_proxies: Iterable[str] | None = None,
         ipv6_prefix: int = 64,
+        proxy_header: str = "x-forwarded-for",
     ) -> None:
         self.rule = Rule(requests_per_minute, capacity)
         if store is not None and not isinstance(store, Store):
@@ -85,7 +86,7 @@ class Policy:
         self.skip = skip
         self.message = message
         self.name = name
-        self.client_address = ClientAddress(trusted_proxies, ipv6_prefix)
+        self.client_address = ClientAddress(trusted_proxies, ipv6_prefix, proxy_header)
         # Decisions per bucket name: [allowed, limited, degraded], read by metrics and the admin.
         self.counts: dict[str, list[int]] = {}
 
@@ -121,12 +122,14 @@ class Policy:
                 ident = self.identifier(request)
                 if inspect.isawaitable(ident):
                     ident = await ident
+                if ident is not None and not isinstance(ident, str):
+                    ident = str(ident)  # an int user id, a UUID: its text is the identity
             except Exception as exc:
                 exc.add_note(f"raised by the rateguard identifier callable {_name_of(self.identifier)}")
                 raise
-            if ident is not None and ident != "":
+            if ident:
                 # A user identity never collides with an address: it gets its own namespace.
-                return "id:" + encode_identifier(ident if isinstance(ident, str) else str(ident))
+                return "id:" + encode_identifier(ident)
         return encode_identifier(self.client_address(scope))
 
     async def cost_of(self, request: Request | None) -> int:

@@ -45,6 +45,8 @@ class RateGuard:
     :param name: the policy name in the ``RateLimit`` headers and the bucket name (``"global"``).
     :param trusted_proxies: CIDRs of proxies whose ``X-Forwarded-For``/``Forwarded`` is believed.
     :param ipv6_prefix: IPv6 clients are grouped by this prefix length (64).
+    :param proxy_header: the header trusted proxies set: ``"x-forwarded-for"`` (default) or ``"forwarded"``.
+    :param proxy_header: which header trusted proxies set: ``"x-forwarded-for"`` or ``"forwarded"``.
 
     Pure ASGI rather than ``BaseHTTPMiddleware``: streaming, background tasks and context
     variables pass through untouched, and it costs a fraction of the per-request overhead.
@@ -64,6 +66,7 @@ class RateGuard:
         name: str = "global",
         trusted_proxies: Iterable[str] | None = None,
         ipv6_prefix: int = 64,
+        proxy_header: str = "x-forwarded-for",
     ) -> None:
         self.app = app
         self.policy = Policy(
@@ -77,6 +80,7 @@ class RateGuard:
             name=name,
             trusted_proxies=trusted_proxies,
             ipv6_prefix=ipv6_prefix,
+            proxy_header=proxy_header,
         )
         self.store: Store = store if store is not None else MemoryStore()
         self.name = name

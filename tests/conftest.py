@@ -122,9 +122,15 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+def contract_store(url: str) -> RedisStore:
+    """A RedisStore for contract tests: a slow reply on a busy CI machine fails loudly (503,
+    StoreUnavailable) instead of being decided quietly by the local fallback."""
+    return RedisStore(url=url, on_error="deny", timeout=2.0, connect_timeout=2.0)
+
+
 @pytest.fixture
 async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
-    store = RedisStore(url=redis_url)
+    store = contract_store(redis_url)
     try:
         yield store
     finally:
@@ -156,7 +162,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
         yield MemoryStore()
         return
     url = request.getfixturevalue("redis_url")
-    rs = RedisStore(url=url)
+    rs = contract_store(url)
     try:
         yield rs
     finally:

@@ -10,30 +10,34 @@ from rateguard.bucket import EPSILON, BucketState, Decision, Rule, refill, take
 from rateguard.errors import ConfigurationError
 from rateguard.stores import StoreStats
 
-# How many of the least recently used buckets one insertion looks at for a full one to drop.
+# Buckets one insertion checks, going round the store: more than the one it adds, so the sweep
+# goes round faster than the store grows. At the bound it looks further for one to let go.
 _SWEEP = 2
+_SWEEP_AT_BOUND = 16
+
+Key = tuple[str, str]  # (client, bucket)
 
 
 class _Slot:
-    __slots__ = ("capacity", "last", "rate", "tokens")
+    __slots__ = ("capacity", "last", "rate", "tokens", "used")
 
     def __init__(self, tokens: float, last: float, capacity: int, rate: float) -> None:
         self.tokens = tokens
         self.last = last
         self.capacity = capacity
         self.rate = rate
-
-    def full_at(self, now: float) -> bool:
-        return refill(self.tokens, self.last, now, self.rate, self.capacity) + EPSILON >= self.capacity
+        self.used = False  # used again since the sweep last passed it
 
 
 class MemoryStore:
     """Token buckets in this process's memory: exact, fast, not shared between processes.
 
     ``max_keys`` bounds the number of buckets. A bucket that has refilled to full is the same as
-    a fresh one, so such buckets are dropped first (a few are checked on every insertion, no
-    background thread); past the bound, the least recently used go. ``clock`` returns seconds and
-    must not go backwards; tests pass a fake one instead of sleeping.
+    a fresh one, so such buckets are dropped first: each insertion checks the next few buckets
+    of a sweep that goes round the whole store (no background thread). Past the bound, the
+    least recently used go: the sweep evicts the first bucket not used since it last came by
+    (the CLOCK approximation of LRU, which costs a request nothing). ``clock`` returns seconds
+    and must not go backwards; tests pass a fake one instead of sleeping.
     """
 
     kind = "memory"
@@ -45,7 +49,8 @@ class MemoryStore:
             raise ConfigurationError(f"clock must be a callable returning seconds, got {clock!r}")
         self.max_keys = max_keys
         self.clock = clock
-        self._slots: OrderedDict[tuple[str, str], _Slot] = OrderedDict()
+        # In sweep order: the next bucket the sweep checks first, new buckets last.
+        self._slots: OrderedDict[Key, _Slot] = OrderedDict()
         self.allowed = 0
         self.limited = 0
 
@@ -61,7 +66,7 @@ class MemoryStore:
             tokens, last, decision = take(None, now, now, rule.rate, rule.burst, cost)
             self._insert(key, _Slot(tokens, last, rule.burst, rule.rate), now)
         else:
-            self._slots.move_to_end(key)
+            slot.used = True
             # The caller's rule wins: a bucket follows its rule if the app's config changes.
             slot.capacity = rule.burst
             slot.rate = rule.rate
@@ -75,18 +80,26 @@ class MemoryStore:
     async def take(self, client: str, bucket: str, rule: Rule, cost: int = 1) -> Decision:
         return self.take_now(client, bucket, rule, cost)
 
-    def _insert(self, key: tuple[str, str], slot: _Slot, now: float) -> None:
+    def _insert(self, key: Key, slot: _Slot, now: float) -> None:
         slots = self._slots
-        # Drop full buckets from the cold end: they equal fresh ones, so nothing is lost.
-        for _ in range(_SWEEP):
-            if not slots:
+        at_bound = len(slots) >= self.max_keys
+        for checked in range(_SWEEP_AT_BOUND):
+            if not slots or (checked >= _SWEEP and not at_bound):
                 break
-            old_key, old = next(iter(slots.items()))
-            if not old.full_at(now):
+            old_key = next(iter(slots))
+            old = slots[old_key]
+            if old.tokens + (now - old.last) * old.rate + EPSILON >= old.capacity:
+                del slots[old_key]  # full: the same as a fresh bucket, nothing is lost
+                at_bound = False
+            elif at_bound and not old.used:
+                del slots[old_key]  # not used for a whole round: the least recently used
+                at_bound = False
                 break
-            del slots[old_key]
-        if len(slots) >= self.max_keys:
-            slots.popitem(last=False)  # least recently used
+            else:
+                old.used = False
+                slots.move_to_end(old_key)  # live: checked again next round
+        if at_bound:
+            slots.popitem(last=False)  # every bucket looked at is in use: the next in turn goes
         slots[key] = slot
 
     async def inspect(self, client: str) -> list[BucketState]:
