@@ -5,25 +5,28 @@ Environment:
                            unset = MemoryStore (this process only)
     RATEGUARD_RPM          the global limit in requests per minute (default 60)
     RATEGUARD_ADMIN_TOKEN  bearer token for /api/admin; unset = admin answers loopback clients only
+
+GET /metrics is the Prometheus scrape (needs ``pip install 'rateguard[prometheus]'``); the admin
+dashboard is at /api/admin/.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from rateguard import ConfigurationError, MemoryStore, RateGuard, RedisStore, Rule, admin_router, limit
 from rateguard.stores import Store
 
 EXPENSIVE_RPM = 5
 ADMIN_PREFIX = "/api/admin"
-FREE_PATHS = frozenset({"/", "/health"})
+FREE_PATHS = frozenset({"/", "/health", "/metrics"})
 
 logger = logging.getLogger("rateguard.demo")
 
@@ -31,6 +34,8 @@ LINKS = {
     "/health": "liveness, never limited",
     "/api/data": "global limit only",
     "/api/expensive": f"global limit + {EXPENSIVE_RPM} per minute (GET or POST)",
+    "/metrics": "Prometheus metrics (decisions per rule, store latency, errors, circuit state)",
+    f"{ADMIN_PREFIX}/": "admin dashboard",
     f"{ADMIN_PREFIX}/stats": "admin: counters, store health, rules",
     f"{ADMIN_PREFIX}/bucket/127.0.0.1": "admin: one client's buckets",
     "/docs": "OpenAPI docs",
@@ -76,17 +81,40 @@ def _rpm() -> float:
 
 
 def _is_free(request: Request) -> bool:
-    # Health checks and the admin API must work even when this client is limited: an operator
-    # resets a limited client from the same machine. Admin calls are guarded by token/loopback.
+    # Health checks, scrapes and the admin API must work even when this client is limited: an
+    # operator resets a limited client from the same machine. Admin calls are guarded by
+    # token/loopback; /metrics holds no client data (its labels are rules and store kinds).
     path = request.url.path
     return path in FREE_PATHS or path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
+
+
+def _metrics(app: FastAPI) -> Callable[[], Response]:
+    """The /metrics endpoint: this app's limits on a registry of its own (one per app built)."""
+    try:
+        from prometheus_client import (
+            CONTENT_TYPE_LATEST,
+            CollectorRegistry,
+            ProcessCollector,
+            generate_latest,
+        )
+
+        from rateguard.metrics import instrument
+    except ImportError:
+        hint = "prometheus-client is not installed: pip install 'rateguard[prometheus]'\n"
+        return lambda: PlainTextResponse(hint, status_code=501)
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    instrument(app, registry)
+    return lambda: Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def create_app() -> FastAPI:
     """Build the demo from the environment variables above, read now."""
     redis_url = os.environ.get("REDIS_URL", "").strip()
     rpm = _rpm()
-    store: Store = RedisStore(url=redis_url) if redis_url else MemoryStore()
+    # RATEGUARD_REDIS_CLUSTER=1: REDIS_URL names one node of a Redis Cluster (compose's cluster profile).
+    cluster = os.environ.get("RATEGUARD_REDIS_CLUSTER", "").strip().lower() in {"1", "true", "yes"}
+    store: Store = RedisStore(url=redis_url, cluster=cluster) if redis_url else MemoryStore()
     admin = admin_router()  # reads RATEGUARD_ADMIN_TOKEN
     store_text = f"RedisStore at {_redacted(redis_url)}" if redis_url else "MemoryStore (this process only)"
 
@@ -125,6 +153,12 @@ def create_app() -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    metrics = _metrics(app)
+
+    @app.get("/metrics", response_model=None)
+    async def prometheus() -> Response:
+        return metrics()
 
     @app.get("/api/data")
     async def data() -> dict[str, object]:

@@ -2,8 +2,11 @@
 
     app.mount("/api/admin", admin_router())
 
+    GET  /                         the dashboard: one static page that polls the endpoints below
     GET  /stats                    decisions allowed/limited (this server, and every server on Redis),
                                    buckets, store health, rules in force
+    GET  /live                     cheap counters for polling: decisions per rule, circuit state,
+                                   store errors and latency, the clients limited most (no store I/O)
     GET  /bucket/{identifier}      every bucket of one client, stored or (if it has none) full
     POST /reset/{identifier}       clear every bucket of one client, on every server sharing the store
 
@@ -11,37 +14,47 @@ What it reports is read from the app it is mounted in: the `RateGuard` middlewar
 `limit()` dependency of its routes, with their stores. Access: with a token (``token=`` or the
 ``RATEGUARD_ADMIN_TOKEN`` environment variable) every call needs ``Authorization: Bearer <token>``;
 without one, only loopback peers (``scope["client"]``) that carry no forwarding headers may call.
+With a token, the dashboard page itself is served to anyone: a browser can't send the header when
+it navigates, so the page holds no data and asks for the token, which its script then sends.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ipaddress
 import logging
 import os
+import re
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
 from typing import Any
+from urllib.parse import unquote
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from rateguard.bucket import BucketState, Rule
 from rateguard.dependencies import default_store, limit
 from rateguard.errors import ConfigurationError, StoreError
-from rateguard.identity import ClientAddress, encode_identifier
+from rateguard.identity import UNKNOWN_CLIENT, ClientAddress, encode_identifier, parse_address
 from rateguard.limiter import Policy
 from rateguard.middleware import RateGuard
 from rateguard.stores import Store, StoreStats
+from rateguard.topk import LIMITED, Limited, LimitedClients
 
 TOKEN_ENV = "RATEGUARD_ADMIN_TOKEN"
 _SHORT_TOKEN = 16
 _FORWARDING_HEADERS = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
 _KINDS = ("any", "address", "identifier")
+_TOP_CLIENTS = 10
 
 logger = logging.getLogger("rateguard.admin")
 
@@ -68,30 +81,42 @@ class RuleInForce:
         }
 
 
-def admin_router(store: Store | None = None, *, token: str | None = None) -> AdminAPI:
+def admin_router(
+    store: Store | None = None, *, token: str | None = None, limited: LimitedClients | None = None
+) -> AdminAPI:
     """The admin API as an ASGI app: ``app.mount("/api/admin", admin_router())``.
 
     :param store: a store to report on and reset besides those found in the app (the stores of its
         `RateGuard` and ``limit()`` dependencies); needed only when the limits live elsewhere.
     :param token: the bearer token every call must carry; by default ``RATEGUARD_ADMIN_TOKEN``,
         read now. Without a token only loopback clients are served.
+    :param limited: where the clients limited most are read from; by default the process-wide
+        `rateguard.topk.LIMITED` that `RateGuard` and ``limit()`` feed.
     """
-    return AdminAPI(store=store, token=token)
+    return AdminAPI(store=store, token=token, limited=limited)
 
 
 class AdminAPI:
     """Stats, inspect and reset for an app's rate limits, behind a bearer token or loopback."""
 
-    def __init__(self, *, store: Store | None = None, token: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store | None = None,
+        token: str | None = None,
+        limited: LimitedClients | None = None,
+    ) -> None:
         if store is not None and not isinstance(store, Store):
             raise ConfigurationError(
                 f"store must be a rateguard store such as MemoryStore() or RedisStore(...), "
                 f"got {type(store).__name__}"
             )
         self.store = store
+        self.limited = limited if limited is not None else LIMITED
         self._digest = _token_digest(token)
         self.router = Router(
             routes=[
+                Route("/live", self.live, methods=["GET"]),
                 Route("/stats", self.stats, methods=["GET"]),
                 Route("/bucket/{identifier:path}", self.bucket, methods=["GET"]),
                 Route("/reset/{identifier:path}", self.reset, methods=["POST"]),
@@ -105,9 +130,16 @@ class AdminAPI:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             # Every path, known or not, is checked before routing: nothing is told to a stranger.
-            refusal = self._refusal(scope)
+            # The one exception: with a token, the dashboard page (no data in it) is served to
+            # anyone, since a browser can't send the token when it navigates to a page. It is
+            # answered here, not routed, so nothing else can be reached by that exception.
+            page = _is_dashboard(scope)
+            refusal = None if page and self._digest is not None else self._refusal(scope)
             if refusal is not None:
                 await refusal(scope, receive, send)
+                return
+            if page:
+                await self.dashboard()(scope, receive, send)
                 return
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
@@ -150,6 +182,37 @@ class AdminAPI:
         return None
 
     # -- endpoints --------------------------------------------------------------------------
+
+    def dashboard(self) -> Response:
+        """The page: static HTML with its own script and style, no data in it."""
+        page, headers = _dashboard()
+        return HTMLResponse(page, headers=headers)
+
+    async def live(self, request: Request) -> Response:
+        """What the dashboard polls every second: counters read from memory, never from a store."""
+        app = request.scope.get("app")
+        rules = discover_rules(app)
+        counts = decision_counts(app)
+        totals = [0, 0, 0]
+        for c in counts.values():
+            for i in range(3):
+                totals[i] += c[i]
+        rule_rows = []
+        for r in rules:
+            allowed, limited, degraded = counts.get(r.bucket, (0, 0, 0))
+            rule_rows.append({**r.as_json(), "allowed": allowed, "limited": limited, "degraded": degraded})
+        body = {
+            "t": time.monotonic(),  # server seconds: rates are differences over this clock
+            "decisions": {"allowed": totals[0], "limited": totals[1], "degraded": totals[2]},
+            "rules": rule_rows,
+            "stores": [store_health(label, store) for label, store in labelled_stores(self._stores(rules))],
+            "limited_clients": {
+                "window": self.limited.window,
+                "clients": [_limited_json(c) for c in self.limited.top(_TOP_CLIENTS)],
+            },
+            "server": {"host": socket.gethostname(), "pid": os.getpid()},
+        }
+        return JSONResponse(body)
 
     async def stats(self, request: Request) -> Response:
         rules = discover_rules(request.scope.get("app"))
@@ -241,10 +304,12 @@ class AdminAPI:
         except StoreError as exc:
             return _error(503, "Service Unavailable", str(exc))
         peer = request.scope.get("client")
+        # An identifier may be an API key: the log shows addresses whole, anything else masked.
+        plain = kind != "identifier" and _is_address(identifier)
         logger.info(
             "admin reset of %r (keys %s) from %s cleared %d bucket(s)",
-            identifier,
-            ", ".join(keys),
+            identifier if plain else mask(identifier),
+            ", ".join(keys if plain else [_masked_key(key) for key in keys]),
             peer[0] if peer else "unknown",
             len(cleared),
         )
@@ -333,6 +398,67 @@ def _limits_of(dependant: Any, shown: Any, prefix: str) -> Iterator[tuple[str, s
         stack.extend(getattr(dep, "dependencies", ()))
 
 
+def decision_counts(app: Any) -> dict[str, tuple[int, int, int]]:
+    """Decisions ``(allowed, limited, degraded)`` per bucket name in this process, read from memory.
+
+    Summed over every policy that names the bucket (``limit(name=...)`` on several routes, or two
+    limits given the same name), so each bucket appears once whatever the app's shape.
+    """
+    if app is None:
+        return {}
+    sources: dict[tuple[int, str], Policy] = {}
+    for node in _middleware_chain(app):
+        if isinstance(node, RateGuard):
+            sources.setdefault((id(node.policy), node.name), node.policy)
+    for bucket, _, dep in _route_limits(getattr(app, "routes", []), depth=0):
+        sources.setdefault((id(dep.policy), bucket), dep.policy)
+    out: dict[str, tuple[int, int, int]] = {}
+    for (_, bucket), policy in sources.items():
+        counts = policy.counts.get(bucket)
+        if counts is None:
+            out.setdefault(bucket, (0, 0, 0))
+            continue
+        a, lim, d = out.get(bucket, (0, 0, 0))
+        out[bucket] = (a + counts[0], lim + counts[1], d + counts[2])
+    return out
+
+
+def labelled_stores(stores: list[Store]) -> list[tuple[str, Store]]:
+    """A short, stable label per store: its kind, numbered when an app has two of one kind."""
+    seen: dict[str, int] = {}
+    out: list[tuple[str, Store]] = []
+    for store in stores:
+        n = seen[store.kind] = seen.get(store.kind, 0) + 1
+        out.append((store.kind if n == 1 else f"{store.kind}_{n}", store))
+    return out
+
+
+def store_health(label: str, store: Store) -> dict[str, Any]:
+    """A store's counters and circuit state from its attributes: no I/O, cheap to poll."""
+    latency = getattr(store, "latency", None)
+    bounds = getattr(latency, "BOUNDS", None)
+    return {
+        "store": label,
+        "kind": store.kind,
+        "shared": store.kind != "memory",
+        "allowed": getattr(store, "allowed", None),
+        "limited": getattr(store, "limited", None),
+        "circuit_open": bool(getattr(store, "degraded", False)),
+        "errors": getattr(store, "errors", None),
+        "degraded_decisions": getattr(store, "degraded_decisions", None),
+        "deny_cache_hits": getattr(store, "deny_cache_hits", None),
+        "last_error": getattr(store, "last_error", None),
+        "latency": None
+        if latency is None or bounds is None
+        else {
+            # Upper bounds in seconds (the last, +Inf, is null in JSON) and counts per bound.
+            "bounds": [b if b != float("inf") else None for b in bounds],
+            "counts": list(latency.counts),
+            "sum": latency.sum,
+        },
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # From a path identifier to store keys
 
@@ -367,6 +493,87 @@ def _natural_key(keys: list[str], rule: RuleInForce) -> str:
             if key.startswith("id:"):
                 return key
     return keys[0]
+
+
+def client_label(key: str) -> tuple[str, str | None]:
+    """How a store key's client is shown, and the text that finds it again (None if masked).
+
+    Addresses (``203.0.113.7``, ``2001:db8::/64``) are shown whole. Identities from an
+    ``identifier=`` callable are often API keys: they are masked, and so can't be searched.
+    """
+    if key.startswith("id:"):
+        return "id:" + mask(unquote(key[3:])), None
+    address = unquote(key)
+    return address, address
+
+
+def mask(text: str) -> str:
+    """A form of a possibly secret identifier that can be recognised but not used: ``abcd… (32)``."""
+    keep = min(4, len(text) // 4)
+    return f"{text[:keep]}… ({len(text)})"
+
+
+def _masked_key(key: str) -> str:
+    return "id:" + mask(unquote(key[3:])) if key.startswith("id:") else mask(unquote(key))
+
+
+def _is_address(text: str) -> bool:
+    if text == UNKNOWN_CLIENT or parse_address(text) is not None:
+        return True
+    try:
+        ipaddress.ip_network(text.strip("[]"), strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _limited_json(entry: Limited) -> dict[str, Any]:
+    shown, search = client_label(entry.client)
+    return {
+        "client": shown,
+        "search": search,
+        "count": entry.count,
+        "error": entry.error,
+        "bucket": entry.bucket,
+        "seconds_ago": round(entry.seconds_ago, 1),
+    }
+
+
+@cache
+def _dashboard() -> tuple[str, dict[str, str]]:
+    """The page, and headers that let only its own inline style and script run."""
+    page = files("rateguard").joinpath("dashboard.html").read_text("utf-8")
+
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.DOTALL)
+        return " ".join(
+            f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'" for text in found
+        )
+
+    policy = (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+        "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    headers = {
+        "Content-Security-Policy": policy,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store",
+    }
+    return page, headers
+
+
+def _route_path(scope: Scope) -> str:
+    """The path inside the mount (Starlette keeps the full path and adds the mount to root_path)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :]
+    return path
+
+
+def _is_dashboard(scope: Scope) -> bool:
+    return scope.get("method") in ("GET", "HEAD") and _route_path(scope) in ("", "/")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,4 +658,16 @@ def _is_loopback(host: str) -> bool:
     return addr.is_loopback
 
 
-__all__ = ["TOKEN_ENV", "AdminAPI", "RuleInForce", "admin_router", "client_keys", "discover_rules"]
+__all__ = [
+    "TOKEN_ENV",
+    "AdminAPI",
+    "RuleInForce",
+    "admin_router",
+    "client_keys",
+    "client_label",
+    "decision_counts",
+    "discover_rules",
+    "labelled_stores",
+    "mask",
+    "store_health",
+]

@@ -29,6 +29,7 @@ from rateguard.limiter import (
 )
 from rateguard.stores import Store
 from rateguard.stores.memory import MemoryStore
+from rateguard.topk import LIMITED
 
 _default_store: MemoryStore | None = None
 
@@ -180,6 +181,7 @@ class limit:
         # Behind RateGuard, its send wrapper renders the headers of every limit that applied.
         headers = None if behind_middleware else _as_dict(render_headers(limits.applied))
         if not decision.allowed:
+            LIMITED.add(client, bucket)  # the rare path: feeds the dashboard's top-k
             _install_handler(request)
             raise RateLimitExceeded(policy.message, retry_after_seconds(limits.applied), headers)
         if headers:

@@ -29,6 +29,7 @@ from rateguard.limiter import (
 )
 from rateguard.stores import Store
 from rateguard.stores.memory import MemoryStore
+from rateguard.topk import LIMITED
 
 
 class RateGuard:
@@ -126,6 +127,7 @@ class RateGuard:
             count(self._counts, decision)
             limits.applied.append(Applied(self._header, decision))
             if not decision.allowed:
+                LIMITED.add(client, self.name)  # the rare path: feeds the dashboard's top-k
                 # An outer RateGuard's send wrapper adds the headers; the outermost adds its own.
                 await self._reject(limits.applied, outermost, send)
                 return

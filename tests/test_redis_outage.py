@@ -127,9 +127,17 @@ async def test_sigkill_under_load_then_restart(
 
     # One warning going into degraded mode and one info line out of it, per store: not per request.
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "rateguard.redis"]
-    infos = [r for r in caplog.records if r.levelno == logging.INFO and r.name == "rateguard.redis"]
+    infos = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "rateguard.redis"
+    ]
     assert len(warnings) == 2 and "unavailable" in warnings[0].getMessage()
-    assert len(infos) == 2 and "again" in infos[0].getMessage()
+    assert len([m for m in infos if "answers again" in m]) == 2
+    # The deny cache's subscription is a state of its own: at most lost once and back once per store
+    # (it may come back a moment after the test ends).
+    lost = [m for m in infos if "reset channel lost" in m]
+    back = [m for m in infos if "reset channel back" in m]
+    assert len(lost) <= 2 and len(back) <= len(lost)
+    assert len(infos) <= 6
 
 
 async def test_allow_policy(private_redis: RedisServer) -> None:

@@ -168,6 +168,7 @@ class RedisStore:
                 hosts, sentinel_kwargs=timeouts, password=password, db=db, **timeouts
             )
             self._client = self._sentinel.master_for(service_name)
+            self._service_name = service_name
         elif url is not None:
             if not isinstance(url, str) or "://" not in url:
                 raise ConfigurationError(f"url must look like 'redis://host:6379/0', got {url!r}")
@@ -177,7 +178,7 @@ class RedisStore:
                 else:
                     self._client = aioredis.Redis.from_url(url, **timeouts)
             except (ValueError, RedisError) as exc:
-                raise ConfigurationError(f"bad Redis url {url!r}: {exc}") from None
+                raise ConfigurationError(f"bad Redis url {_redact(url)!r}: {exc}") from None
         else:
             if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
                 raise ConfigurationError(f"port must be an int from 1 to 65535, got {port!r}")
@@ -230,7 +231,24 @@ class RedisStore:
         self._background: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
-        return f"RedisStore(prefix={self.prefix!r}, on_error={self.on_error!r})"
+        return f"RedisStore({self.where}, prefix={self.prefix!r}, on_error={self.on_error!r})"
+
+    @property
+    def where(self) -> str:
+        """Where this store's Redis is, for logs: host:port (or the cluster/sentinel), never a password."""
+        if hasattr(self, "_sentinel"):
+            return f"sentinel service {self._service_name!r}"
+        client = self._client
+        try:
+            if self.is_cluster:
+                node = client.get_default_node() or next(iter(client.nodes_manager.startup_nodes.values()))
+                return f"cluster {node.host}:{node.port}"
+            kwargs = client.connection_pool.connection_kwargs
+            if "path" in kwargs:
+                return f"unix:{kwargs['path']}"
+            return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+        except Exception:  # an unusual client: say what it is, nothing more
+            return type(client).__name__
 
     @property
     def client(self) -> Any:
@@ -349,7 +367,8 @@ class RedisStore:
             self._degraded_since = now
             self._backoff = self.retry_backoff
             logger.warning(
-                "rateguard: Redis unavailable (%s); deciding with on_error=%r until it answers again",
+                "rateguard: Redis %s unavailable (%s); deciding with on_error=%r until it answers again",
+                self.where,
                 self.last_error,
                 self.on_error,
             )
@@ -364,7 +383,8 @@ class RedisStore:
         if self.degraded:
             self.degraded = False
             logger.info(
-                "rateguard: Redis answers again after %.1f s; limits are shared again",
+                "rateguard: Redis %s answers again after %.1f s; limits are shared again",
+                self.where,
                 time.monotonic() - self._degraded_since,
             )
             self._backoff = 0.0
@@ -447,6 +467,7 @@ class RedisStore:
 
     async def _listen_for_resets(self) -> None:
         """Keep the deny cache honest: drop a client's entries when any server resets it."""
+        lost_at = 0.0
         while not self._closing:
             pubsub = self._client.pubsub()
             try:
@@ -457,6 +478,9 @@ class RedisStore:
                         continue
                     if message["type"] == "subscribe":
                         self._subscribed = True
+                        if lost_at:
+                            logger.info("rateguard: Redis %s reset channel back; deny cache on", self.where)
+                            lost_at = 0.0
                     elif message["type"] == "message":
                         data = message["data"]
                         client = data.decode() if isinstance(data, bytes) else str(data)
@@ -464,7 +488,14 @@ class RedisStore:
                         await self._local.reset(client)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # any failure: the cache is off until subscribed again
+            except Exception as exc:  # any failure: the cache is off until subscribed again
+                if self._subscribed:
+                    logger.info(
+                        "rateguard: Redis %s reset channel lost (%s); deny cache off until it is back",
+                        self.where,
+                        type(exc).__name__,
+                    )
+                    lost_at = time.monotonic()
                 self._subscribed = False
                 self._deny.clear()
             finally:
@@ -663,6 +694,16 @@ class RedisStore:
         if sentinel is not None:
             for s in sentinel.sentinels:
                 await s.aclose()
+
+
+def _redact(url: str) -> str:
+    """The url without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    userinfo, _, host = rest.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{sep}{user + ':' if user else ''}***@{host}"
 
 
 def _connection_factory(node: Any) -> Any:
