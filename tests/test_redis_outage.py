@@ -252,3 +252,19 @@ async def test_a_blocked_client_costs_no_round_trip_and_reset_reaches_every_serv
         assert (await a.take("blocked", "global", rule)).allowed
     finally:
         admin.close()
+
+
+async def test_admin_calls_work_at_once_after_a_restart(private_redis: RedisServer) -> None:
+    store = RedisStore(url=private_redis.url)
+    try:
+        rule = Rule(60, capacity=5)
+        await store.take("c", "global", rule)
+        assert (await store.stats()).healthy  # the pool now holds a connection to this server
+        private_redis.kill()
+        private_redis.start()  # the pooled connection is stale now
+        assert (await store.stats()).healthy
+        await store.take("c", "global", rule)  # decided locally or on Redis, whichever is up
+        assert await store.count() in (0, 1)
+        assert await store.reset("nobody") == []
+    finally:
+        await store.close()

@@ -8,14 +8,15 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib.resources import files
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from rateguard.bucket import EPSILON, BucketState, Decision, Rule, refill
@@ -34,6 +35,7 @@ OnError = Literal["local", "allow", "deny"]
 _ON_ERROR = ("local", "allow", "deny")
 
 logger = logging.getLogger("rateguard.redis")
+T = TypeVar("T")
 
 
 def _num(value: Any) -> float:
@@ -578,7 +580,26 @@ class RedisStore:
                     return keys
         return [k async for k in self._client.scan_iter(match=pattern, count=1000)]
 
+    async def _twice(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run an admin operation, once more if a pooled connection turns out to be stale.
+
+        After a Redis restart the pool still holds connections to the old server; the first
+        command on each fails. Admin reads and resets are safe to repeat; decisions never are,
+        and they don't come here.
+        """
+        try:
+            return await operation()
+        except RedisConnectionError:
+            return await operation()
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, RedisConnectionError):
+                raise
+            return await operation()
+
     async def inspect(self, client: str) -> list[BucketState]:
+        return await self._twice(lambda: self._inspect(client))
+
+    async def _inspect(self, client: str) -> list[BucketState]:
         try:
             keys = await self._client_keys(client)
             if not keys:
@@ -613,6 +634,9 @@ class RedisStore:
         return reply
 
     async def reset(self, client: str) -> list[str]:
+        return await self._twice(lambda: self._reset(client))
+
+    async def _reset(self, client: str) -> list[str]:
         try:
             keys = await self._client_keys(client)
             if keys:
@@ -626,6 +650,9 @@ class RedisStore:
         return [_bucket_name(k, self.prefix, client) for k in keys]
 
     async def count(self) -> int:
+        return await self._twice(self._count_keys)
+
+    async def _count_keys(self) -> int:
         pattern = self.prefix.translate(_GLOB_SPECIAL) + "{*"
         try:
             if self.is_cluster:
@@ -651,6 +678,7 @@ class RedisStore:
         local_allowed, local_limited = self.allowed, self.limited
         try:
             async with asyncio.timeout(max(1.0, self.timeout * 10)):
+                await self._twice(self._client.ping)  # also clears a stale pooled connection
                 t0 = time.perf_counter()
                 await self._client.ping()
                 latency = (time.perf_counter() - t0) * 1000
