@@ -253,12 +253,10 @@ class AdminAPI:
         return JSONResponse(body)
 
     async def bucket(self, request: Request) -> Response:
-        identifier: str = request.path_params["identifier"]
-        kind = request.query_params.get("kind", "any")
-        if kind not in _KINDS:
-            return _error(400, "Bad Request", f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
-        rules = discover_rules(request.scope.get("app"))
-        keys = client_keys(identifier, kind, rules)
+        target = _target(request)
+        if isinstance(target, Response):
+            return target
+        identifier, kind, rules, keys = target
         stores = self._stores(rules)
         try:
             found = [
@@ -289,12 +287,10 @@ class AdminAPI:
         return JSONResponse({"identifier": identifier, "kind": kind, "keys": keys, "buckets": buckets})
 
     async def reset(self, request: Request) -> Response:
-        identifier: str = request.path_params["identifier"]
-        kind = request.query_params.get("kind", "any")
-        if kind not in _KINDS:
-            return _error(400, "Bad Request", f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
-        rules = discover_rules(request.scope.get("app"))
-        keys = client_keys(identifier, kind, rules)
+        target = _target(request)
+        if isinstance(target, Response):
+            return target
+        identifier, kind, rules, keys = target
         cleared: list[dict[str, str]] = []
         try:
             for store in self._stores(rules):
@@ -325,6 +321,16 @@ class AdminAPI:
 
 # ---------------------------------------------------------------------------------------------
 # Which limits an app has
+
+
+def _target(request: Request) -> tuple[str, str, list[RuleInForce], list[str]] | Response:
+    """The client a bucket/reset call names: identifier, kind, the app's rules, its store keys."""
+    identifier: str = request.path_params["identifier"]
+    kind = request.query_params.get("kind", "any")
+    if kind not in _KINDS:
+        return _error(400, "Bad Request", f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+    rules = discover_rules(request.scope.get("app"))
+    return identifier, kind, rules, client_keys(identifier, kind, rules)
 
 
 def discover_rules(app: Any) -> list[RuleInForce]:

@@ -16,6 +16,7 @@ import redis
 from rateguard import MemoryStore, RedisStore
 from rateguard.stores import Store
 
+from .helpers import stop_process
 from .redis_topologies import _die_with_parent as die_with_parent
 
 # Real Redis Cluster and Sentinel topologies (fixtures redis_cluster, redis_sentinel, ...).
@@ -86,13 +87,7 @@ class RedisServer:
         self.proc = None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.proc = None
 
 

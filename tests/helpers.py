@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from typing import Any
 
 import httpx
@@ -33,3 +34,15 @@ def demo_like_app(store: Any = None, rpm: float = 60, **middleware: Any) -> Fast
         return {"ok": "expensive"}
 
     return app
+
+
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 5) -> None:
+    """Stop a child this test started (by its pid): SIGTERM, then SIGKILL if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)

@@ -21,6 +21,7 @@ from rateguard import (
 )
 from rateguard.admin import client_keys, discover_rules
 from rateguard.stores import Store, StoreStats
+from rateguard.topk import LimitedClients
 
 from .conftest import free_port
 from .helpers import client_for
@@ -35,7 +36,12 @@ def api_key(request: Request) -> str | None:
 
 
 def admin_app(
-    store: Store | None = None, *, token: str | None = None, rpm: float = 60, **options: Any
+    store: Store | None = None,
+    *,
+    token: str | None = None,
+    rpm: float = 60,
+    limited: LimitedClients | None = None,
+    **options: Any,
 ) -> FastAPI:
     """A global limit, a 5/min route, and the admin API at /admin (not limited itself)."""
     app = FastAPI()
@@ -46,7 +52,7 @@ def admin_app(
         skip=lambda request: request.url.path.startswith("/admin/"),
         **options,
     )
-    app.mount("/admin", admin_router(token=token))
+    app.mount("/admin", admin_router(token=token, limited=limited))
 
     @app.get("/api/data")
     async def data() -> dict[str, bool]:

@@ -28,6 +28,7 @@ import pytest
 import rateguard.middleware
 
 from .conftest import free_port
+from .helpers import stop_process
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -88,13 +89,7 @@ class Demo:
         return httpx.Client(base_url=self.url, transport=httpx.HTTPTransport(local_address=ip), timeout=5)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)  # by pid: only the process this test started
 
 
 @pytest.fixture(scope="module")

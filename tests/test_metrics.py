@@ -9,12 +9,12 @@ import sys
 from typing import Any
 
 import pytest
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from demo.app import create_app
-from rateguard import MemoryStore, RateGuard, RedisStore, admin_router, limit
+from rateguard import MemoryStore, RedisStore, admin_router, limit
 from rateguard.admin import decision_counts, mask
 from rateguard.metrics import RateGuardCollector, instrument
 from rateguard.stores import Store, StoreStats
@@ -22,36 +22,15 @@ from rateguard.topk import LimitedClients
 
 from .conftest import free_port
 from .helpers import client_for
+from .test_admin import CLIENT, admin_app, api_key, hit
 
 TOKEN = "observability-token-0123456789"
-CLIENT = "203.0.113.7"
 API_KEY = "sk_live_51HqLyjWDarjtT1zdp7dc"
-
-
-def api_key(request: Request) -> str | None:
-    return request.headers.get("x-api-key")
 
 
 def small_app(store: Store | None = None, limited: LimitedClients | None = None, **options: Any) -> FastAPI:
     """A global limit of 60/min, a 5/min route, the admin API at /admin (not limited itself)."""
-    app = FastAPI()
-    app.add_middleware(RateGuard, store=store, skip=lambda r: r.url.path.startswith("/admin"), **options)
-    app.mount("/admin", admin_router(token=TOKEN, limited=limited))
-
-    @app.get("/api/data")
-    async def data() -> dict[str, bool]:
-        return {"ok": True}
-
-    @app.api_route("/api/expensive", methods=["GET", "POST"], dependencies=[Depends(limit(5, **options))])
-    async def expensive() -> dict[str, bool]:
-        return {"ok": True}
-
-    return app
-
-
-async def hit(app: FastAPI, path: str, n: int, ip: str = CLIENT, **kwargs: Any) -> list[int]:
-    async with client_for(app, ip) as client:
-        return [(await client.get(path, **kwargs)).status_code for _ in range(n)]
+    return admin_app(store, token=TOKEN, limited=limited, **options)
 
 
 async def admin_get(app: FastAPI, path: str, ip: str = CLIENT, **kwargs: Any) -> Any:

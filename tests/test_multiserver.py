@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from .conftest import RedisServer, free_port
+from .helpers import stop_process
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -70,13 +71,7 @@ class DemoServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # by pid: only the process this test started
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)  # by pid: only the process this test started
 
 
 @pytest.fixture(scope="module")
