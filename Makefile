@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: help install demo test lint typecheck pytest bench bench-quick clean check-redis
+.PHONY: help install demo test lint typecheck pytest bench bench-quick bench-cluster clean check-redis
 
 help:
 	@echo "make demo    run the demo on http://127.0.0.1:3000 (memory store; REDIS_URL=... for Redis)"
@@ -49,6 +49,9 @@ bench: $(STAMP) check-redis
 bench-quick: $(STAMP) check-redis
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.run --quick
+
+bench-cluster: $(STAMP) check-redis
+	$(BIN)/python -m benchmarks.clusterbench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
