@@ -204,6 +204,27 @@ def stop_all(nodes: list[RedisProcess], timeout: float = _STOP_TIMEOUT) -> None:
             proc.wait(_STOP_TIMEOUT)
 
 
+def _start_with_retries(
+    topology: LocalRedisCluster | LocalRedisSentinel, attempt: Callable[[], None]
+) -> None:
+    """Start a topology; on a StartupError (a port taken meanwhile) stop it and retry on fresh ports."""
+    started = time.monotonic()
+    for n in range(1, _START_ATTEMPTS + 1):
+        try:
+            attempt()
+        except StartupError:
+            topology.stop()
+            if n == _START_ATTEMPTS:
+                raise
+        except BaseException:
+            topology.stop()
+            raise
+        else:
+            topology.startup_seconds = time.monotonic() - started
+            topology.start_attempts = n
+            return
+
+
 class LocalRedisCluster:
     """A Redis Cluster of local redis-server processes: 3 primaries and no replicas by default.
 
@@ -235,23 +256,13 @@ class LocalRedisCluster:
 
     def start(self) -> None:
         cli = _binary("redis-cli")
-        started = time.monotonic()
-        for attempt in range(1, _START_ATTEMPTS + 1):
+
+        def attempt() -> None:
             count = self.primaries * (1 + self.replicas)
             self.nodes = [self._node(port) for port in pick_ports(count, bus=True)]
-            try:
-                self._start_nodes(cli)
-            except StartupError:
-                self.stop()
-                if attempt == _START_ATTEMPTS:
-                    raise
-            except BaseException:
-                self.stop()
-                raise
-            else:
-                self.startup_seconds = time.monotonic() - started
-                self.start_attempts = attempt
-                return
+            self._start_nodes(cli)
+
+        _start_with_retries(self, attempt)
 
     def _node(self, port: int) -> RedisProcess:
         args = [
@@ -367,8 +378,7 @@ class LocalRedisSentinel:
         return [(HOST, n.port) for n in self.sentinel_nodes]
 
     def start(self) -> None:
-        started = time.monotonic()
-        for attempt in range(1, _START_ATTEMPTS + 1):
+        def attempt() -> None:
             primary_port, replica_port, *sentinel_ports = pick_ports(2 + self.sentinel_count)
             # Diskless sync waits 5 s for more replicas by default: no delay, on both, since the
             # replica becomes the primary after a failover.
@@ -380,19 +390,9 @@ class LocalRedisSentinel:
                 [*data, "--replicaof", HOST, str(primary_port)],
             )
             self.sentinel_nodes = [self._sentinel(port, primary_port) for port in sentinel_ports]
-            try:
-                self._start_nodes()
-            except StartupError:
-                self.stop()
-                if attempt == _START_ATTEMPTS:
-                    raise
-            except BaseException:
-                self.stop()
-                raise
-            else:
-                self.startup_seconds = time.monotonic() - started
-                self.start_attempts = attempt
-                return
+            self._start_nodes()
+
+        _start_with_retries(self, attempt)
 
     def _sentinel(self, port: int, primary_port: int) -> RedisProcess:
         # Sentinel rewrites its config file (ids, discovered replicas and sentinels, failovers):

@@ -233,7 +233,6 @@ class Batcher:
         self._reload: list[_Entry] = []  # to resend after loading the script
         self._scheduled = False
         self.failing = False  # a failure was reported and no success since
-        self.batches = 0
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def make_channel(self, make_connection: Callable[[], Any]) -> Channel:
@@ -265,7 +264,6 @@ class Batcher:
             return
         pending, self._pending = self._pending, []
         reload, self._reload = self._reload, []
-        self.batches += 1
         self.spawn(self._write(pending, reload))
 
     async def _write(self, pending: list[_Entry], reload: list[_Entry]) -> None:
