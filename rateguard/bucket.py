@@ -125,7 +125,41 @@ def take(
         retry_after = (cost - tokens) / rate
     reset_after = (capacity - tokens) / rate
     remaining = math.floor(tokens + EPSILON)
-    return tokens, last, Decision(allowed, capacity, remaining, retry_after, reset_after, rate)
+    return tokens, last, new_decision(allowed, capacity, remaining, retry_after, reset_after, rate)
+
+
+# A frozen dataclass's __init__ sets each field through object.__setattr__: about 1 us per
+# Decision, and one is made on every request. Setting the slots through their descriptors gives
+# the same object (same fields, equality, immutability afterwards) in half the time.
+_new = object.__new__
+_set_allowed = Decision.__dict__["allowed"].__set__
+_set_limit = Decision.__dict__["limit"].__set__
+_set_remaining = Decision.__dict__["remaining"].__set__
+_set_retry_after = Decision.__dict__["retry_after"].__set__
+_set_reset_after = Decision.__dict__["reset_after"].__set__
+_set_rate = Decision.__dict__["rate"].__set__
+_set_degraded = Decision.__dict__["degraded"].__set__
+
+
+def new_decision(
+    allowed: bool,
+    limit: int,
+    remaining: int,
+    retry_after: float,
+    reset_after: float,
+    rate: float,
+    degraded: bool = False,
+) -> Decision:
+    """``Decision(...)`` for the hot path (positional, no validation beyond the types given)."""
+    decision: Decision = _new(Decision)
+    _set_allowed(decision, allowed)
+    _set_limit(decision, limit)
+    _set_remaining(decision, remaining)
+    _set_retry_after(decision, retry_after)
+    _set_reset_after(decision, reset_after)
+    _set_rate(decision, rate)
+    _set_degraded(decision, degraded)
+    return decision
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from rateguard.limiter import (
     UNAVAILABLE_MESSAGE,
     Applied,
     Cost,
+    Headers,
     Identifier,
     Policy,
     PolicyHeader,
@@ -128,6 +129,7 @@ class limit:
         trusted_proxies: Iterable[str] | None = None,
         ipv6_prefix: int = 64,
         proxy_header: str = "x-forwarded-for",
+        headers: Headers = True,
     ) -> None:
         self.policy = Policy(
             requests_per_minute=requests_per_minute,
@@ -141,6 +143,7 @@ class limit:
             trusted_proxies=trusted_proxies,
             ipv6_prefix=ipv6_prefix,
             proxy_header=proxy_header,
+            headers=headers,
         )
         self._headers: dict[str, PolicyHeader] = {}  # bucket name -> its pre-rendered headers
 
@@ -157,7 +160,7 @@ class limit:
         behind_middleware = limits is not None
         if limits is None:
             limits = scope[SCOPE_KEY] = RequestLimits(
-                policy.store if policy.store is not None else default_store()
+                policy.store if policy.store is not None else default_store(), policy.headers
             )
         store = policy.store if policy.store is not None else limits.store
 
@@ -178,8 +181,14 @@ class limit:
         count(policy.counter(bucket), decision)
         limits.applied.append(Applied(header, decision))
 
-        # Behind RateGuard, its send wrapper renders the headers of every limit that applied.
-        headers = None if behind_middleware else _as_dict(render_headers(limits.applied))
+        # Behind RateGuard, its send wrapper renders the headers of every limit that applied, unless
+        # it was told to send none: then a 429 still needs its Retry-After from here.
+        fields = limits.fields
+        headers = (
+            None
+            if behind_middleware and fields is not False
+            else _as_dict(render_headers(limits.applied, fields))
+        )
         if not decision.allowed:
             LIMITED.add(client, bucket)  # the rare path: feeds the dashboard's top-k
             _install_handler(request)

@@ -6,11 +6,11 @@ import inspect
 import json
 import math
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from starlette.requests import Request
 
-from rateguard.bucket import Decision, Rule
+from rateguard.bucket import EPSILON, Decision, Rule
 from rateguard.errors import ConfigurationError, StoreError
 from rateguard.identity import ClientAddress, encode_identifier
 from rateguard.stores import Store
@@ -27,6 +27,23 @@ Predicate = Callable[[Request], MaybeAwaitable]
 Cost = Union[int, Callable[[Request], MaybeAwaitable]]  # noqa: UP007
 
 
+# Which rate-limit header fields responses carry: both sets (True), none (False; a 429 still has
+# Retry-After), or one set: "ietf" (RateLimit, RateLimit-Policy) or "x-ratelimit" (the X- trio).
+Headers = Union[bool, Literal["ietf", "x-ratelimit"]]  # noqa: UP007
+HEADER_CHOICES: tuple[Headers, ...] = (True, False, "ietf", "x-ratelimit")
+
+
+def header_fields(value: object) -> Headers:
+    """Validate the ``headers`` option."""
+    for choice in HEADER_CHOICES:
+        if value is choice or (isinstance(value, str) and value == choice):
+            return choice
+    raise ConfigurationError(
+        f"headers must be True (RateLimit and X-RateLimit-* fields), 'ietf', 'x-ratelimit' or "
+        f"False (none; a 429 keeps Retry-After), got {value!r}"
+    )
+
+
 def _name_of(func: Any) -> str:
     return getattr(func, "__qualname__", None) or repr(func)
 
@@ -38,6 +55,7 @@ class Policy:
         "client_address",
         "cost",
         "counts",
+        "headers",
         "identifier",
         "message",
         "name",
@@ -60,8 +78,10 @@ class Policy:
         trusted_proxies: Iterable[str] | None = None,
         ipv6_prefix: int = 64,
         proxy_header: str = "x-forwarded-for",
+        headers: Headers = True,
     ) -> None:
         self.rule = Rule(requests_per_minute, capacity)
+        self.headers = header_fields(headers)
         if store is not None and not isinstance(store, Store):
             raise ConfigurationError(
                 f"store must be a rateguard store such as MemoryStore() or "
@@ -169,7 +189,7 @@ def count(counts: list[int], decision: Decision) -> None:
 class PolicyHeader:
     """The parts of a policy's headers that never change, rendered once as bytes."""
 
-    __slots__ = ("item", "limit", "name", "sf_name")
+    __slots__ = ("item", "limit", "limit_field", "name", "policy_field", "ratelimit_format", "sf_name")
 
     def __init__(self, name: str, rule: Rule) -> None:
         self.name = name
@@ -177,10 +197,30 @@ class PolicyHeader:
         self.sf_name = sf.encode("latin-1")
         self.item = f"{sf};q={rule.burst};w={rule.window}".encode("latin-1")
         self.limit = str(rule.burst).encode()
+        # Whole header fields for the one-policy case, which every response of a plain app takes.
+        self.policy_field = (b"ratelimit-policy", self.item)
+        self.limit_field = (b"x-ratelimit-limit", self.limit)
+        self.ratelimit_format = self.sf_name.replace(b"%", b"%%") + b";r=%d;t=%d"
 
 
 def _ceil(seconds: float) -> int:
-    return max(0, math.ceil(seconds - 1e-9))
+    """Whole seconds, rounded up (a float error of 1e-9 past a whole second doesn't count)."""
+    whole = math.ceil(seconds - 1e-9)
+    return whole if whole > 0 else 0
+
+
+def _next_token_seconds(d: Decision) -> int:
+    """`Decision.next_token_after` rounded up: the ``t`` of the ``RateLimit`` field."""
+    if not d.allowed:
+        return _ceil(d.retry_after)
+    rate = d.rate
+    if d.reset_after <= EPSILON or rate <= 0:
+        return 0
+    # capacity is whole, so the fraction of a token missing is the fraction of reset_after
+    missing = d.reset_after * rate
+    frac = missing - math.floor(missing)
+    whole = math.ceil((frac if frac > EPSILON else 1.0) / rate - 1e-9)
+    return whole if whole > 0 else 0
 
 
 class Applied:
@@ -199,23 +239,38 @@ class Applied:
 
 def _ratelimit_item(a: Applied) -> bytes:
     d = a.decision
-    return b"%s;r=%d;t=%d" % (a.policy.sf_name, d.remaining, _ceil(d.next_token_after))
+    return a.policy.ratelimit_format % (d.remaining, _next_token_seconds(d))
 
 
-def render_headers(applied: list[Applied]) -> list[tuple[bytes, bytes]]:
+_IETF_FIELDS = (b"ratelimit-policy", b"ratelimit")
+_X_FIELDS = (b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset")
+
+
+def render_headers(applied: list[Applied], fields: Headers = True) -> list[tuple[bytes, bytes]]:
+    """`render_headers_all`, less the fields the ``headers`` option leaves out."""
+    headers = render_headers_all(applied)
+    if fields is True:
+        return headers
+    dropped = _IETF_FIELDS + _X_FIELDS if fields is False else _X_FIELDS if fields == "ietf" else _IETF_FIELDS
+    return [(name, value) for name, value in headers if name not in dropped]
+
+
+def render_headers_all(applied: list[Applied]) -> list[tuple[bytes, bytes]]:
     """The rate-limit headers for every limit that applied to one request.
 
     ``RateLimit-Policy``/``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10) list each policy;
     the ``X-RateLimit-*`` trio describes the most restrictive one; ``Retry-After`` only on denial.
     """
     if len(applied) == 1:  # the common case, kept cheap: it runs on every response
-        worst = applied[0]
-        d = worst.decision
+        only = applied[0]
+        d = only.decision
+        policy = only.policy
+        remaining = d.remaining
         headers = [
-            (b"ratelimit-policy", worst.policy.item),
-            (b"ratelimit", _ratelimit_item(worst)),
-            (b"x-ratelimit-limit", worst.policy.limit),
-            (b"x-ratelimit-remaining", b"%d" % d.remaining),
+            policy.policy_field,
+            (b"ratelimit", policy.ratelimit_format % (remaining, _next_token_seconds(d))),
+            policy.limit_field,
+            (b"x-ratelimit-remaining", b"%d" % remaining),
             (b"x-ratelimit-reset", b"%d" % _ceil(d.reset_after)),
         ]
         if not d.allowed:
@@ -262,8 +317,9 @@ def error_body(message: str, retry_after: int, error: str = "Too Many Requests")
 class RequestLimits:
     """Per-request record, kept in ``scope["rateguard"]`` by the outermost `RateGuard`."""
 
-    __slots__ = ("applied", "store")
+    __slots__ = ("applied", "fields", "store")
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, fields: Headers = True) -> None:
         self.store = store
+        self.fields = fields  # the headers option of whoever renders the headers
         self.applied: list[Applied] = []

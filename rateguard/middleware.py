@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,6 +17,7 @@ from rateguard.limiter import (
     UNAVAILABLE_MESSAGE,
     Applied,
     Cost,
+    Headers,
     Identifier,
     Policy,
     PolicyHeader,
@@ -24,12 +26,16 @@ from rateguard.limiter import (
     count,
     error_body,
     render_headers,
+    render_headers_all,
     retry_after_seconds,
     unavailable_seconds,
 )
 from rateguard.stores import Store
 from rateguard.stores.memory import MemoryStore
 from rateguard.topk import LIMITED
+
+# Peer addresses whose keys are remembered; past this many the memory starts over.
+_KEY_CACHE_SIZE = 4096
 
 
 class RateGuard:
@@ -47,7 +53,10 @@ class RateGuard:
     :param trusted_proxies: CIDRs of proxies whose ``X-Forwarded-For``/``Forwarded`` is believed.
     :param ipv6_prefix: IPv6 clients are grouped by this prefix length (64).
     :param proxy_header: the header trusted proxies set: ``"x-forwarded-for"`` (default) or ``"forwarded"``.
-    :param proxy_header: which header trusted proxies set: ``"x-forwarded-for"`` or ``"forwarded"``.
+    :param headers: the rate-limit fields responses carry: ``True`` (``RateLimit``,
+        ``RateLimit-Policy`` and ``X-RateLimit-*``), ``"ietf"``, ``"x-ratelimit"``, or ``False``
+        (none; a 429 still has ``Retry-After``). Each field costs uvicorn about 1% of a trivial
+        request, so ``False`` is the cheapest.
 
     Pure ASGI rather than ``BaseHTTPMiddleware``: streaming, background tasks and context
     variables pass through untouched, and it costs a fraction of the per-request overhead.
@@ -68,6 +77,7 @@ class RateGuard:
         trusted_proxies: Iterable[str] | None = None,
         ipv6_prefix: int = 64,
         proxy_header: str = "x-forwarded-for",
+        headers: Headers = True,
     ) -> None:
         self.app = app
         self.policy = Policy(
@@ -82,15 +92,23 @@ class RateGuard:
             trusted_proxies=trusted_proxies,
             ipv6_prefix=ipv6_prefix,
             proxy_header=proxy_header,
+            headers=headers,
         )
         self.store: Store = store if store is not None else MemoryStore()
         self.name = name
         self._header = PolicyHeader(name, self.policy.rule)
+        self._fields = self.policy.headers
+        self._render: Callable[[list[Applied]], list[tuple[bytes, bytes]]] = (
+            render_headers_all if self._fields is True else partial(render_headers, fields=self._fields)
+        )
         self._plain = not self.policy.needs_request
         self._counts = self.policy.counter(name)
         self._cost = self.policy.cost if isinstance(self.policy.cost, int) else 1
         # MemoryStore decides without awaiting; calling it directly saves a coroutine per request.
         self._take_now = self.store.take_now if type(self.store) is MemoryStore else None
+        # Peer address -> key. Only when no proxy is trusted: the key then depends on the peer
+        # address alone, and encoding it (a regex, perhaps IPv6 grouping) is most of its cost.
+        self._keys: dict[str, str] | None = None if self.policy.client_address.trusted else {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,14 +118,14 @@ class RateGuard:
         limits: RequestLimits | None = scope.get(SCOPE_KEY)
         outermost = limits is None
         if limits is None:
-            limits = scope[SCOPE_KEY] = RequestLimits(self.store)
+            limits = scope[SCOPE_KEY] = RequestLimits(self.store, self._fields)
 
         policy = self.policy
         decision: Decision | None = None
         try:
             if self._plain:
                 # No user callables: no Request object, no awaits but the store's.
-                client = encode_identifier(policy.client_address(scope))
+                client = self._client_key(scope)
                 if self._take_now is not None:
                     decision = self._take_now(client, self.name, policy.rule, self._cost)
                 else:
@@ -124,24 +142,49 @@ class RateGuard:
             await self._unavailable(exc, send)
             return
         if decision is not None:
-            count(self._counts, decision)
+            counts = self._counts
+            if decision.allowed and not decision.degraded:
+                counts[0] += 1
+            else:
+                count(counts, decision)
             limits.applied.append(Applied(self._header, decision))
             if not decision.allowed:
                 LIMITED.add(client, self.name)  # the rare path: feeds the dashboard's top-k
-                # An outer RateGuard's send wrapper adds the headers; the outermost adds its own.
-                await self._reject(limits.applied, outermost, send)
+                # The outermost RateGuard adds the headers: its send wrapper or, here, its own.
+                # One that sends none has no wrapper, so then the 429 carries its Retry-After.
+                await self._reject(limits, outermost or limits.fields is False, send)
                 return
 
-        if not outermost:
-            await self.app(scope, receive, send)  # the outermost RateGuard renders the headers
+        if not outermost or self._fields is False:
+            # The outermost RateGuard renders the headers, unless told to send none.
+            await self.app(scope, receive, send)
             return
 
+        applied = limits.applied
+        render = self._render
+
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start" and limits.applied:
-                message["headers"] = [*message.get("headers", ()), *render_headers(limits.applied)]
+            if message["type"] == "http.response.start" and applied:
+                message["headers"] = [*message.get("headers", ()), *render(applied)]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _client_key(self, scope: Scope) -> str:
+        """The store key of the client: its address, encoded; remembered per peer address."""
+        keys = self._keys
+        if keys is not None:
+            peer = scope.get("client")
+            host = peer[0] if peer else None
+            if type(host) is str:
+                key = keys.get(host)
+                if key is None:
+                    key = encode_identifier(self.policy.client_address(scope))
+                    if len(keys) >= _KEY_CACHE_SIZE:
+                        keys.clear()  # a flood of fresh addresses: start over rather than grow
+                    keys[host] = key
+                return key
+        return encode_identifier(self.policy.client_address(scope))
 
     async def _unavailable(self, exc: StoreError, send: Send) -> None:
         retry_after = unavailable_seconds(exc)
@@ -159,13 +202,14 @@ class RateGuard:
         )
         await send({"type": "http.response.body", "body": body})
 
-    async def _reject(self, applied: list[Applied], with_headers: bool, send: Send) -> None:
+    async def _reject(self, limits: RequestLimits, with_headers: bool, send: Send) -> None:
+        applied = limits.applied
         body = error_body(self.policy.message, retry_after_seconds(applied))
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
         ]
         if with_headers:
-            headers += render_headers(applied)
+            headers += render_headers(applied, limits.fields)
         await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": body})

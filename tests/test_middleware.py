@@ -298,3 +298,25 @@ async def test_stacked_middlewares_render_one_set_of_headers() -> None:
     assert r.status_code == 429
     assert r.headers.get_list("retry-after") == ["1"]
     assert r.headers["ratelimit"].startswith('"sustained";r=596;t=1, "burst";r=0;t=1')
+
+
+async def test_peer_keys_are_remembered_per_address_not_confused() -> None:
+    # The middleware remembers each peer address's key: distinct peers keep distinct buckets,
+    # IPv6 peers are still grouped by /64, and the memory starts over past its bound.
+    from rateguard import middleware
+
+    guard = RateGuard(plain_app(), requests_per_minute=60, capacity=1)
+    keys = []
+    for host in ["10.0.0.1", "10.0.0.2", "10.0.0.1", "2001:db8::1", "2001:db8::2", "bad host/ü"]:
+        keys.append(guard._client_key({"type": "http", "client": (host, 1)}))
+    assert keys[0] == keys[2] == "10.0.0.1" and keys[1] == "10.0.0.2"
+    assert keys[3] == keys[4] and keys[3] != keys[0]
+    assert keys[5] != "bad host/ü" and "/" not in keys[5]  # encoded like any identifier
+    for i in range(middleware._KEY_CACHE_SIZE + 10):
+        assert guard._client_key({"type": "http", "client": (f"10.1.{i // 256}.{i % 256}", 1)}) == (
+            f"10.1.{i // 256}.{i % 256}"
+        )
+    assert guard._keys is not None and len(guard._keys) <= middleware._KEY_CACHE_SIZE
+    # A trusted proxy makes the key depend on headers too: nothing is remembered.
+    behind = RateGuard(plain_app(), trusted_proxies=["10.0.0.0/8"])
+    assert behind._keys is None
