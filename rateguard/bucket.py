@@ -150,7 +150,7 @@ def new_decision(
     rate: float,
     degraded: bool = False,
 ) -> Decision:
-    """``Decision(...)`` for the hot path (positional, no validation beyond the types given)."""
+    """``Decision(...)`` for the hot path (positional, no checks beyond the types given)."""
     decision: Decision = _new(Decision)
     _set_allowed(decision, allowed)
     _set_limit(decision, limit)

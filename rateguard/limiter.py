@@ -266,12 +266,13 @@ def render_headers_all(applied: list[Applied]) -> list[tuple[bytes, bytes]]:
         d = only.decision
         policy = only.policy
         remaining = d.remaining
+        reset = math.ceil(d.reset_after - 1e-9)  # _ceil(), inline: reset_after is never < 0
         headers = [
             policy.policy_field,
             (b"ratelimit", policy.ratelimit_format % (remaining, _next_token_seconds(d))),
             policy.limit_field,
             (b"x-ratelimit-remaining", b"%d" % remaining),
-            (b"x-ratelimit-reset", b"%d" % _ceil(d.reset_after)),
+            (b"x-ratelimit-reset", b"%d" % (reset if reset > 0 else 0)),
         ]
         if not d.allowed:
             headers.append((b"retry-after", b"%d" % max(1, _ceil(d.retry_after))))

@@ -125,7 +125,10 @@ class RateGuard:
         try:
             if self._plain:
                 # No user callables: no Request object, no awaits but the store's.
-                client = self._client_key(scope)
+                try:
+                    client = self._keys[scope["client"][0]]  # type: ignore[index]
+                except (KeyError, TypeError, IndexError):  # not seen yet, or no peer, or no cache
+                    client = self._client_key(scope)
                 if self._take_now is not None:
                     decision = self._take_now(client, self.name, policy.rule, self._cost)
                 else:

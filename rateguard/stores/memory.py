@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from math import floor
 
-from rateguard.bucket import EPSILON, BucketState, Decision, Rule, refill, take
+from rateguard.bucket import EPSILON, BucketState, Decision, Rule, new_decision, refill, take
 from rateguard.errors import ConfigurationError
 from rateguard.stores import StoreStats
 
@@ -58,7 +59,12 @@ class MemoryStore:
         return f"MemoryStore(max_keys={self.max_keys})"
 
     def take_now(self, client: str, bucket: str, rule: Rule, cost: int = 1) -> Decision:
-        """`take` without the coroutine: nothing here awaits, so a decision is never split."""
+        """`take` without the coroutine: nothing here awaits, so a decision is never split.
+
+        A known bucket takes the step of `bucket.take` written out in place: this runs on every
+        request, and calling `take` (its frame, the tuple it returns) was a third of the cost.
+        The tests hold both to the same table of cases.
+        """
         now = self.clock()
         key = (client, bucket)
         slot = self._slots.get(key)
@@ -68,9 +74,32 @@ class MemoryStore:
         else:
             slot.used = True
             # The caller's rule wins: a bucket follows its rule if the app's config changes.
-            slot.capacity = rule.burst
-            slot.rate = rule.rate
-            slot.tokens, slot.last, decision = take(slot.tokens, slot.last, now, rule.rate, rule.burst, cost)
+            capacity = slot.capacity = rule.burst
+            rate = slot.rate = rule.rate
+            tokens = slot.tokens
+            if now > slot.last:  # a clock that goes backwards refills nothing
+                tokens += (now - slot.last) * rate
+                if tokens > capacity:
+                    tokens = float(capacity)
+                slot.last = now
+            if tokens + EPSILON >= cost:
+                tokens -= cost
+                if tokens < 0.0:
+                    tokens = 0.0
+                slot.tokens = tokens
+                self.allowed += 1
+                return new_decision(
+                    True, capacity, floor(tokens + EPSILON), 0.0, (capacity - tokens) / rate, rate
+                )
+            slot.tokens = tokens
+            decision = new_decision(
+                False,
+                capacity,
+                floor(tokens + EPSILON),
+                (cost - tokens) / rate,
+                (capacity - tokens) / rate,
+                rate,
+            )
         if decision.allowed:
             self.allowed += 1
         else:
