@@ -19,7 +19,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from rateguard.bucket import EPSILON, BucketState, Decision, Rule, refill
+from rateguard.bucket import EPSILON, BucketState, Decision, Rule, new_decision, refill
 from rateguard.errors import ConfigurationError, StoreError, StoreUnavailable
 from rateguard.identity import encode_identifier
 from rateguard.stores import StoreStats
@@ -301,7 +301,7 @@ class RedisStore:
         self._count(allowed)
         if not allowed and self.deny_cache and self._subscribed and now is None:
             self._remember_denial(key, cost - retry * rule.rate, rule)
-        return Decision(bool(allowed), rule.burst, int(remaining), retry, float(reset_after), rule.rate)
+        return new_decision(bool(allowed), rule.burst, int(remaining), retry, float(reset_after), rule.rate)
 
     @property
     def latency(self) -> Histogram:
@@ -320,7 +320,7 @@ class RedisStore:
             return None
         self._count(False)
         self.deny_cache_hits += 1
-        return Decision(
+        return new_decision(
             False,
             rule.burst,
             math.floor(tokens + EPSILON),
