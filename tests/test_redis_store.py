@@ -49,6 +49,31 @@ async def test_script_flush_mid_run_recovers(redis_store: RedisStore) -> None:
     assert sum(d.allowed for d in results) == 3
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["hiredis-reader", "redis-py-reader"])
+async def test_both_reply_readers_answer_in_order_and_recover(
+    redis_url: str, direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Replies are read straight from hiredis when redis-py's parser is hiredis, else through
+    # redis-py one by one: both must pair every reply with its command, error replies included.
+    from rateguard.stores import _pipeline
+
+    from .conftest import contract_store
+
+    if not direct:
+        monkeypatch.setattr(_pipeline, "_HiredisReader", None)
+    store = contract_store(redis_url)
+    try:
+        rules = [Rule(60, capacity=c) for c in (3, 5, 7)]
+        results = await asyncio.gather(*(store.take(f"c{i % 3}", "b", rules[i % 3]) for i in range(30)))
+        assert [sum(d.allowed for d in results[i::3]) for i in range(3)] == [3, 5, 7]
+        assert sorted(d.remaining for d in results[0::3] if d.allowed) == [0, 1, 2]
+        await store.client.script_flush()  # NOSCRIPT error replies in the middle of a batch
+        again = await asyncio.gather(*(store.take(f"d{i}", "b", rules[2]) for i in range(20)))
+        assert all(d.allowed and d.remaining == 6 for d in again)
+    finally:
+        await store.close()
+
+
 async def test_decisions_use_redis_time_not_the_app_clock(
     redis_store: RedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -427,6 +427,7 @@ class RedisStore:
             on_success=self._on_success,
             on_moved=self._refresh_cluster if self.is_cluster else None,
             latency=self._latency,
+            direct=not self.is_cluster,
         )
         if self.deny_cache:
             self._listener = loop.create_task(self._listen_for_resets())
