@@ -4,12 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: help install demo test lint typecheck pytest bench bench-quick bench-cluster clean check-redis
+.PHONY: help install demo test lint typecheck pytest bench bench-quick bench-cluster bench-instructions clean check-redis
 
 help:
 	@echo "make demo    run the demo on http://127.0.0.1:3000 (memory store; REDIS_URL=... for Redis)"
 	@echo "make test    lint, type-check and run every test (starts a private redis-server)"
 	@echo "make bench   side-by-side benchmarks (needs wrk and redis-server)"
+	@echo "make bench-instructions   CPU instructions per request of each variant (needs valgrind)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "rateguard needs Python >= 3.11; set PYTHON=python3.11 or newer")'
@@ -52,6 +53,10 @@ bench-quick: $(STAMP) check-redis
 
 bench-cluster: $(STAMP) check-redis
 	$(BIN)/python -m benchmarks.clusterbench
+
+bench-instructions: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python -m benchmarks.instructions
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

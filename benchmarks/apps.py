@@ -76,21 +76,58 @@ def basehttp_noop() -> FastAPI:
     return app
 
 
-def _rateguard(store: Any, blocked: bool) -> FastAPI:
+# The five fields RateGuard adds to an allowed response (as it renders them in this app), fixed.
+FIELDS = [
+    (b"ratelimit-policy", b'"global";q=1000000000;w=60'),
+    (b"ratelimit", b'"global";r=999999999;t=1'),
+    (b"x-ratelimit-limit", b"1000000000"),
+    (b"x-ratelimit-remaining", b"999999999"),
+    (b"x-ratelimit-reset", b"1"),
+]
+
+
+class HeadersOnly:
+    """A pure ASGI middleware that limits nothing and adds the same header fields as RateGuard:
+    what any limiter that sends those fields costs at least (wrapping send, and uvicorn checking
+    and writing each field)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_fields(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *FIELDS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_fields)
+
+
+def headers_only() -> FastAPI:
+    app = _plain(_app())
+    app.add_middleware(HeadersOnly)
+    return app
+
+
+def _rateguard(store: Any, blocked: bool, headers: bool = True) -> FastAPI:
     from rateguard import RateGuard
 
     app = _plain(_app([store.close]))
     if blocked:
         app.add_middleware(RateGuard, requests_per_minute=BLOCKED_RPM, capacity=1, store=store)
     else:
-        app.add_middleware(RateGuard, requests_per_minute=HIGH, capacity=HIGH, store=store)
+        app.add_middleware(RateGuard, requests_per_minute=HIGH, capacity=HIGH, store=store, headers=headers)
     return app
 
 
-def rateguard_memory(blocked: bool = False) -> FastAPI:
+def rateguard_memory(blocked: bool = False, headers: bool = True) -> FastAPI:
     from rateguard import MemoryStore
 
-    return _rateguard(MemoryStore(), blocked)
+    return _rateguard(MemoryStore(), blocked, headers)
 
 
 def rateguard_redis(blocked: bool = False) -> FastAPI:
@@ -192,7 +229,9 @@ def throttled_redis() -> FastAPI:
 BUILDERS: dict[str, Callable[[], FastAPI]] = {
     "none": none,
     "basehttp-noop": basehttp_noop,
+    "headers-only": headers_only,
     "rateguard-memory": rateguard_memory,
+    "rateguard-memory-noheaders": lambda: rateguard_memory(headers=False),
     "rateguard-redis": rateguard_redis,
     "rateguard-memory-blocked": lambda: rateguard_memory(blocked=True),
     "rateguard-redis-blocked": lambda: rateguard_redis(blocked=True),

@@ -1,15 +1,19 @@
 """Run every benchmark variant side by side and write the results: `python -m benchmarks.run`.
 
 Everything runs on 127.0.0.1 and is started here: a private redis-server on a free port, one
-uvicorn process per variant and round (one worker, uvloop + httptools), wrk as the load, and
-redis-benchmark for the Redis ceiling. With two CPUs or more the server is pinned to the first and
-wrk and redis-server to the second (`taskset`). Rounds are interleaved: every variant runs once per
-round, so slow drift of the machine hits all of them alike, and each ratio is taken against the
-no-limiter run of the same round. Every child is stopped by its process group, in a `finally`.
+uvicorn process per variant (one worker, uvloop + httptools), wrk as the load, and redis-benchmark
+for the Redis ceiling. With two CPUs or more the servers are pinned to the first and wrk and
+redis-server to the second (`taskset`).
 
-    python -m benchmarks.run                      # 3 rounds x 10 s: the published figures
-    python -m benchmarks.run --quick              # 1 round x 3 s, while developing
-    python -m benchmarks.run --variants none,rateguard-redis --rounds 5
+Every variant's server is started once, warmed up once, and kept up for all the rounds. A round
+loads each variant in turn with short runs (2 s at 32 connections, 1 s at one), in an order rotated
+every round: slow drift of the machine hits all variants alike, and each ratio is taken against the
+no-limiter run of the same round, seconds away rather than minutes. Every child is stopped by its
+process group, in a `finally`.
+
+    python -m benchmarks.run                      # 12 rounds x (2 s + 1 s) per variant: the published figures
+    python -m benchmarks.run --quick              # 3 rounds x (1 s + 1 s), while developing
+    python -m benchmarks.run --variants none,rateguard-redis --rounds 20
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +57,15 @@ def log(message: str) -> None:
 
 @dataclass
 class Options:
-    rounds: int = 3
+    # Many short rounds rather than a few long ones: the machine drifts by +-20-30% over minutes,
+    # so a ratio is only as good as the time between the two runs it divides. 12 default variants
+    # x (2 s + 1 s) is about 36 s a round; 12 rounds (each variant first in one of them), start-up
+    # and the store bench take about 8 minutes.
+    rounds: int = 12
     # wrk takes whole seconds.
-    duration: int = 10  # each measured run at `connections`
-    warmup: int = 1  # wrk before it, same connections, not recorded
-    latency_duration: int = 3  # the one-connection run; 0 leaves it out
+    duration: int = 2  # each measured run at `connections`
+    warmup: int = 1  # wrk once on each server after it starts, same connections, not recorded
+    latency_duration: int = 1  # the one-connection run; 0 leaves it out
     connections: int = 32
     variants: list[str] = field(default_factory=lambda: [v.name for v in VARIANTS if v.default])
     out: Path = REPO / "benchmarks" / "results"
@@ -78,19 +86,31 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         description="Side-by-side benchmarks of rateguard and its peers (needs wrk and redis-server).",
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1 round, 3 s runs: for development")
+    mode.add_argument("--quick", action="store_true", help="3 rounds of 1 s runs: for development")
     mode.add_argument(
         "--tiny",
         action="store_true",
         help=f"smoke mode: {' and '.join(TINY_VARIANTS)}, 1 round, 1 s, no Redis; checks the harness, not speed",
     )
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (3)")
-    parser.add_argument("--duration", type=int, help="seconds of each measured run (10)")
-    parser.add_argument("--warmup", type=int, help="seconds of load before each measured run, 0 for none (1)")
+    parser.add_argument("--rounds", type=int, help=f"interleaved rounds ({Options.rounds})")
     parser.add_argument(
-        "--latency-duration", type=int, help="seconds of the one-connection run, 0 for none (3)"
+        "--duration",
+        type=int,
+        help=f"seconds of each measured run, per variant and round ({Options.duration})",
     )
-    parser.add_argument("--connections", type=int, help="wrk connections of the throughput run (32)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        help=f"seconds of load on each server once it has started, not recorded, 0 for none ({Options.warmup})",
+    )
+    parser.add_argument(
+        "--latency-duration",
+        type=int,
+        help=f"seconds of the one-connection run, per variant and round, 0 for none ({Options.latency_duration})",
+    )
+    parser.add_argument(
+        "--connections", type=int, help=f"wrk connections of the throughput run ({Options.connections})"
+    )
     parser.add_argument(
         "--variants",
         help="comma-separated names, or 'all' (default: "
@@ -102,16 +122,24 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument(
         "--out", type=Path, help="directory for <date>.md/.png and latest.md/.png (benchmarks/results)"
     )
-    parser.add_argument("--store-seconds", type=float, help="one store-only timed run, 0 for none (1)")
+    parser.add_argument(
+        "--store-seconds",
+        type=float,
+        help=f"one store-only timed run, 0 for none ({Options.store_seconds:g})",
+    )
     parser.add_argument("--no-gc-freeze", action="store_true", help="do not call gc.freeze() after start-up")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs with taskset")
-    parser.add_argument("--max-minutes", type=float, help="stop, keeping what was measured, after this (15)")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help=f"stop, keeping what was measured, after this ({Options.max_minutes:g})",
+    )
     args = parser.parse_args(argv)
 
     opts = Options(argv=list(sys.argv[1:] if argv is None else argv))
     if args.quick:
         opts.mode = "quick"
-        opts.rounds, opts.duration, opts.warmup, opts.latency_duration = 1, 3, 1, 2
+        opts.rounds, opts.duration, opts.warmup, opts.latency_duration = 3, 1, 1, 1
         opts.store_seconds, opts.store_reps, opts.ceiling_requests = 0.5, 1, 100_000
     elif args.tiny:
         opts.mode = "tiny"
@@ -158,21 +186,28 @@ class Children:
 
     def stop(self, proc: subprocess.Popen[bytes], grace: float = 3.0) -> None:
         """SIGTERM to the child's group, SIGKILL after ``grace`` seconds, then reap it."""
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+        self.stop_many([proc], grace)
+
+    def stop_many(self, procs: Sequence[subprocess.Popen[bytes]], grace: float = 3.0) -> None:
+        """Stop several children at once: SIGTERM to every group, then one shared ``grace`` period
+        before SIGKILL to whatever is left, then reap them all."""
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
             try:
-                proc.wait(grace)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
-        if proc in self.procs:
-            self.procs.remove(proc)
+            if proc in self.procs:
+                self.procs.remove(proc)
 
     def stop_all(self) -> None:
-        for proc in list(reversed(self.procs)):
-            self.stop(proc, grace=1.0)
+        self.stop_many(list(reversed(self.procs)), grace=2.0)
 
 
 def free_port() -> int:
@@ -219,7 +254,11 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_db(0)
+
+    def url_db(self, db: int) -> str:
+        """The URL of one of the server's numbered databases (0 to 15)."""
+        return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
@@ -383,21 +422,42 @@ def server_command(port: int, prefix: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-@contextlib.contextmanager
-def serve(
+@dataclass
+class Server:
+    """One variant's uvicorn, up for the whole run."""
+
+    variant: Variant
+    port: int
+    proc: subprocess.Popen[bytes]
+    logfile: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {self.proc.returncode}:\n{_tail(self.logfile)}")
+
+
+def start_server(
     variant: Variant,
     children: Children,
     workdir: Path,
     pin: Pinning,
-    redis: RedisServer | None,
+    redis_url: str | None,
     gc_freeze: bool,
-) -> Iterator[tuple[int, int]]:
-    """Start the variant's server, wait until it answers, yield its port and pid; stop it after."""
+) -> Server:
+    """Start the variant's server and wait until it answers; stop it again if it never does."""
     port = free_port()
     env = dict(os.environ, BENCH_VARIANT=variant.name, BENCH_GC_FREEZE="1" if gc_freeze else "0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if redis is not None:
-        env["BENCH_REDIS_URL"] = redis.url
+    if redis_url is not None:
+        env["BENCH_REDIS_URL"] = redis_url
     logfile = workdir / f"{variant.name}.log"
     with logfile.open("ab") as logf:
         # cwd is the scratch directory: a peer that reads ./.env (slowapi does) finds none.
@@ -406,36 +466,27 @@ def serve(
         )
     try:
         wait_ready(port, proc, logfile)
-        yield port, proc.pid
-    finally:
+    except BaseException:
         children.stop(proc)
+        raise
+    return Server(variant, port, proc, logfile)
 
 
-def measure_variant(
-    variant: Variant,
-    opts: Options,
-    children: Children,
-    workdir: Path,
-    pin: Pinning,
-    redis: RedisServer | None,
-) -> dict[str, Any]:
-    if redis is not None:
-        redis.flush()  # every variant starts from an empty Redis
-    with serve(variant, children, workdir, pin, redis, opts.gc_freeze) as (port, pid):
-        url = f"http://127.0.0.1:{port}/"
-        if opts.warmup > 0:
-            run_wrk(url, opts.connections, opts.warmup, pin.load)
-        before = cpu_seconds(pid), cpu_busy(pin.server_cpu), time.monotonic()
-        load = run_wrk(url, opts.connections, opts.duration, pin.load)
-        after = cpu_seconds(pid), cpu_busy(pin.server_cpu), time.monotonic()
-        wall = after[2] - before[2]
-        if before[0] is not None and after[0] is not None:
-            load.server_cpu = (after[0] - before[0]) / wall
-            if before[1] is not None and after[1] is not None:
-                load.other_cpu = max(0.0, (after[1] - before[1]) / wall - load.server_cpu)
-        one = None
-        if opts.latency_duration > 0 and not variant.blocked:
-            one = run_wrk(url, 1, opts.latency_duration, pin.load)
+def measure(server: Server, opts: Options, pin: Pinning) -> dict[str, Any]:
+    """One round of one variant: the throughput run, then the one-connection run."""
+    server.check()
+    before = cpu_seconds(server.pid), cpu_busy(pin.server_cpu), time.monotonic()
+    load = run_wrk(server.url, opts.connections, opts.duration, pin.load)
+    after = cpu_seconds(server.pid), cpu_busy(pin.server_cpu), time.monotonic()
+    wall = after[2] - before[2]
+    if before[0] is not None and after[0] is not None:
+        load.server_cpu = (after[0] - before[0]) / wall
+        if before[1] is not None and after[1] is not None:
+            load.other_cpu = max(0.0, (after[1] - before[1]) / wall - load.server_cpu)
+    one = None
+    if opts.latency_duration > 0 and not server.variant.blocked:
+        one = run_wrk(server.url, 1, opts.latency_duration, pin.load)
+    server.check()  # a server that died during the runs fails them, whatever wrk made of it
     return {"load": asdict(load), "one": asdict(one) if one else None}
 
 
@@ -508,7 +559,9 @@ def commands(
         + shown(server_command(0, pin.server)).replace("--port 0", "--port <port>"),
     ]
     if opts.warmup > 0:
-        out.append(shown(wrk_command(url, opts.connections, opts.warmup, pin.load)) + "   # warm-up")
+        out.append(
+            shown(wrk_command(url, opts.connections, opts.warmup, pin.load)) + "   # warm-up, once per server"
+        )
     out.append(shown(wrk_command(url, opts.connections, opts.duration, pin.load)))
     if opts.latency_duration > 0:
         out.append(shown(wrk_command(url, 1, opts.latency_duration, pin.load)))
@@ -524,10 +577,23 @@ def commands(
 # The run
 
 
+STARTUP_S = 1.0  # one server's start-up and readiness check (0.5 s measured on a 2-vCPU VM)
+WRK_OVERHEAD_S = 0.15  # starting wrk, connecting, reporting
+
+
+def round_seconds(opts: Options, variants: list[Variant]) -> float:
+    return sum(
+        opts.duration
+        + WRK_OVERHEAD_S
+        + (0 if v.blocked or opts.latency_duration == 0 else opts.latency_duration + WRK_OVERHEAD_S)
+        for v in variants
+    )
+
+
 def estimate_seconds(opts: Options, variants: list[Variant]) -> float:
-    per = [1.5 + opts.warmup + opts.duration + (0 if v.blocked else opts.latency_duration) for v in variants]
+    start = sum(STARTUP_S + (opts.warmup + WRK_OVERHEAD_S if opts.warmup > 0 else 0) for _ in variants)
     store = 8 * opts.store_reps * opts.store_seconds + 3 if opts.store_seconds > 0 else 0
-    return opts.rounds * sum(per) + store + 5
+    return start + opts.rounds * round_seconds(opts, variants) + store + 5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -562,8 +628,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     deadline = time.monotonic() + opts.max_minutes * 60
     log(
-        f"rateguard benchmarks: {len(variants)} variants x {opts.rounds} round(s), {opts.duration:g} s at "
-        f"{opts.connections} connections; about {estimate_seconds(opts, variants) / 60:.1f} min. {pin.note}."
+        f"rateguard benchmarks: {len(variants)} variants x {opts.rounds} round(s) of {opts.duration:g} s at "
+        f"{opts.connections} connections"
+        + (f" + {opts.latency_duration:g} s at 1" if opts.latency_duration > 0 else "")
+        + f" (about {round_seconds(opts, variants):.0f} s a round); about "
+        f"{estimate_seconds(opts, variants) / 60:.1f} min in all. {pin.note}."
     )
     meta = report.machine_and_versions()
     meta["load_before"] = os.getloadavg()
@@ -571,10 +640,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     children = Children()
     rounds: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
+    round_walls: list[float] = []
     store: dict[str, Any] | None = None
     store_cmd: list[str] = []
     ceiling: dict[str, Any] | None = None
     notes: list[str] = []
+    errors = (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired, redis_py.RedisError)
 
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")  # stop like Ctrl-C: clean up, keep what was measured
@@ -582,15 +653,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_term = signal.signal(signal.SIGTERM, on_term)
     workdir = Path(tempfile.mkdtemp(prefix="rateguard-bench-"))
     redis: RedisServer | None = None
+    servers: dict[str, Server] = {}
+    servers_source: str | None = None  # digest of rateguard/ once every server has started
+    store_source: str | None = None  # and when the store bench started
     try:
         if need_redis:
             redis = RedisServer(children, workdir, pin.load)
             redis.start()
+            # Flushed once, before any server connects: the servers then keep their state (the
+            # blocked variants stay blocked) for the whole run. Each Redis variant has a database
+            # of its own, so none sees another's keys (rateguard-redis and rateguard-redis-blocked
+            # would otherwise share one bucket key).
+            redis.flush()
         out_of_time = False
-        for r in range(opts.rounds):
+        redis_db = 0
+        for v in variants:
+            if time.monotonic() > deadline:
+                out_of_time = True
+                notes.append(f"stopped after --max-minutes {opts.max_minutes:g}, while starting the servers")
+                log(notes[-1])
+                break
+            redis_url = None
+            if v.redis and redis is not None:
+                redis_db += 1
+                redis_url = redis.url_db(redis_db)
+            t0 = time.monotonic()
+            server: Server | None = None
+            try:
+                server = start_server(v, children, workdir, pin, redis_url, opts.gc_freeze)
+                if opts.warmup > 0:
+                    run_wrk(server.url, opts.connections, opts.warmup, pin.load)
+                    server.check()
+                servers[v.name] = server
+                log(
+                    f"started {v.name:26} port {server.port}, pid {server.pid}, in {time.monotonic() - t0:.1f} s"
+                )
+            except errors as exc:
+                if server is not None:
+                    children.stop(server.proc)
+                msg = f"{v.name}: server did not start: {exc}"
+                rounds[v.name].append({"round": 1, "error": str(exc)})
+                notes.append(msg)
+                log(f"error: {msg}")
+        # The servers have loaded rateguard/ by now: a later edit of it changes nothing they run.
+        servers_source = report.source_digest()
+        live = [v for v in variants if v.name in servers]
+        for r in range(opts.rounds if live and not out_of_time else 0):
             # The order rotates each round: no variant always runs first, or after the same one.
-            shift = (r * max(1, len(variants) // opts.rounds)) % len(variants)
-            order = variants[shift:] + variants[:shift]
+            shift = (r * max(1, len(live) // opts.rounds)) % len(live)
+            order = live[shift:] + live[:shift]  # a copy: `live` may lose a variant during the round
+            round_start = time.monotonic()
             for v in order:
                 out_of_time = time.monotonic() > deadline
                 if out_of_time:
@@ -598,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     log(notes[-1])
                     break
                 try:
-                    data = measure_variant(v, opts, children, workdir, pin, redis if v.redis else None)
+                    data = measure(servers[v.name], opts, pin)
                     data["round"] = r + 1
                     rounds[v.name].append(data)
                     load = data["load"]
@@ -606,20 +718,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if data["one"]:
                         line += f"  1 conn {data['one']['mean_us']:7.1f} us"
                     log(line)
-                except (RuntimeError, ValueError, subprocess.TimeoutExpired, redis_py.RedisError) as exc:
+                except errors as exc:
                     msg = f"round {r + 1} {v.name}: {exc}"
                     rounds[v.name].append({"round": r + 1, "error": str(exc)})
                     notes.append(msg)
                     log(f"error: {msg}")
-            if out_of_time:
+                    if servers[v.name].proc.poll() is not None:
+                        live.remove(v)  # its server died: the later rounds go on without it
+            if out_of_time or not live:
                 break
+            round_walls.append(time.monotonic() - round_start)
+        # The servers are done: stopped before the store bench, which runs on the same CPU.
+        children.stop_many([s.proc for s in servers.values()])
         if opts.store_seconds > 0 and not out_of_time:
             log("store-only micro-benchmark ...")
+            store_source = report.source_digest()
             try:
                 store, store_cmd = store_bench(opts, pin, redis if opts.store_redis else None)
                 if redis is not None and opts.store_redis:
                     ceiling = evalsha_ceiling(opts, pin, redis)
-            except (RuntimeError, ValueError, subprocess.TimeoutExpired, redis_py.RedisError) as exc:
+            except errors as exc:
                 notes.append(f"store bench: {exc}")
                 log(f"error: store bench: {exc}")
     except KeyboardInterrupt as exc:
@@ -633,12 +751,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     meta["load_after"] = os.getloadavg()
-    meta["source_changed"] = report.source_digest() != source
+    meta["source_changed"] = (servers_source or report.source_digest()) != source
     if meta["source_changed"]:
-        log("rateguard/ changed during the run: the figures mix two versions of it")
+        log("rateguard/ changed while the servers started: the figures mix two versions of it")
+    meta["store_source_changed"] = store_source is not None and store_source != servers_source
+    if meta["store_source_changed"]:
+        log("rateguard/ changed during the HTTP rounds: the store bench ran newer code than the servers")
     meta["elapsed_s"] = time.time() - started
     meta["started"] = started
     meta["pinning"] = pin.note
+    meta["round_seconds"] = round_walls  # wall time of each complete round
+    meta["rounds_run"] = max(
+        (r["round"] for rs in rounds.values() for r in rs if "error" not in r), default=0
+    )
     meta["commands"] = commands(opts, pin, store_cmd, ceiling, redis)
     written = report.write(
         opts=opts,

@@ -29,9 +29,22 @@ VARIANTS: tuple[Variant, ...] = (
         "no-op BaseHTTPMiddleware",
         "a BaseHTTPMiddleware whose dispatch only awaits call_next: the cost of that base class alone",
     ),
+    Variant(
+        "headers-only",
+        "no limiter, 5 header fields",
+        "a pure ASGI middleware that limits nothing and adds RateGuard's 5 header fields: their floor cost",
+    ),
     Variant("rateguard-memory", "rateguard memory", "RateGuard middleware, MemoryStore"),
     Variant(
-        "rateguard-redis", "rateguard Redis", "RateGuard middleware, RedisStore on the local redis-server"
+        "rateguard-memory-noheaders",
+        "rateguard memory, headers=False",
+        "RateGuard(headers=False), MemoryStore: the same decisions, no rate-limit fields on a 200",
+    ),
+    Variant(
+        "rateguard-redis",
+        "rateguard Redis",
+        "RateGuard middleware, RedisStore on the local redis-server",
+        redis=True,
     ),
     Variant(
         "rateguard-memory-blocked",
