@@ -155,3 +155,23 @@ async def test_host_port_form(redis_server) -> None:  # type: ignore[no-untyped-
         assert (await store.take("c", "b", Rule(60))).allowed
     finally:
         await store.close()
+
+
+async def test_evalsha_packed_by_hand_is_what_hiredis_packs(redis_store: RedisStore) -> None:
+    from hiredis import pack_command
+
+    from rateguard.stores._pipeline import Batcher
+
+    batcher = Batcher(
+        sha="a" * 40,
+        script=b"",
+        timeout=1.0,
+        route=lambda key: None,  # type: ignore[arg-type,return-value]
+        on_failure=lambda exc: None,
+        on_success=lambda: None,
+    )
+    for key in ["rateguard:{127.0.0.1}:global", "p:{%C3%BC}:x", "k:{" + "#" + "f" * 64 + "}:b"]:
+        for args in [(1.0, 1, 1), (1e9 / 60, 10**9, 3), (0.008333333333333333, 5, 5), (2.0, 5, 1, 1.5e9)]:
+            want = pack_command(("EVALSHA", "a" * 40, 1, key, *args))
+            assert batcher.pack_evalsha(key, args) == want
+            assert batcher.pack_evalsha(key, args) == want  # and again, from what it kept
