@@ -444,6 +444,31 @@ class Server:
             raise RuntimeError(f"server exited with {self.proc.returncode}:\n{_tail(self.logfile)}")
 
 
+def redis_checks(servers: dict[str, Server], redis_urls: dict[str, str]) -> list[str]:
+    """Notes for variants that did not measure what they say: a Redis variant whose database
+    stayed empty, or any server where rateguard logged deciding without Redis. (Its fallback is
+    fast: a "Redis" row once looked good that never reached Redis.)"""
+    notes = []
+    for name, server in servers.items():
+        url = redis_urls.get(name)
+        if url is not None:
+            with contextlib.suppress(redis_py.RedisError, OSError):
+                client = redis_py.Redis.from_url(url)
+                try:
+                    if client.dbsize() == 0:
+                        notes.append(
+                            f"{name}: nothing was written to its Redis database: it did not use Redis"
+                        )
+                finally:
+                    client.close()
+        log_text = server.logfile.read_text(errors="replace") if server.logfile.exists() else ""
+        if "deciding with on_error" in log_text:
+            notes.append(f"{name}: rateguard logged Redis as unavailable: decisions were made without it")
+    for note in notes:
+        log(f"warning: {note}")
+    return notes
+
+
 def start_server(
     variant: Variant,
     children: Children,
@@ -667,6 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             redis.flush()
         out_of_time = False
         redis_db = 0
+        redis_urls: dict[str, str] = {}  # variant -> the database it was given
         for v in variants:
             if time.monotonic() > deadline:
                 out_of_time = True
@@ -676,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             redis_url = None
             if v.redis and redis is not None:
                 redis_db += 1
-                redis_url = redis.url_db(redis_db)
+                redis_url = redis_urls[v.name] = redis.url_db(redis_db)
             t0 = time.monotonic()
             server: Server | None = None
             try:
@@ -728,6 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if out_of_time or not live:
                 break
             round_walls.append(time.monotonic() - round_start)
+        notes.extend(redis_checks(servers, redis_urls))
         # The servers are done: stopped before the store bench, which runs on the same CPU.
         children.stop_many([s.proc for s in servers.values()])
         if opts.store_seconds > 0 and not out_of_time:
