@@ -140,6 +140,11 @@ class Channel:
         last.sent = now = loop.time()
         loop.call_at(now + self._batcher.timeout, self._deadline, last)
 
+    @property
+    def in_flight(self) -> bool:
+        """Commands written and not answered yet."""
+        return bool(self._fifo)
+
     def write_now(self, entries: list[_Entry], packed: bytes) -> bool:
         """Write one batch without a task, if the connection is up and no write is under way.
 
@@ -302,7 +307,20 @@ class Batcher:
 
     def submit(self, key: str, args: Command) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._pending.append(_Entry(key, args, fut))
+        entry = _Entry(key, args, fut)
+        if not self._scheduled and self._direct and pack_command is not None:
+            # Nothing else is waiting to go out this turn. If nothing is in flight either (a
+            # quiet server), send it now: waiting for the end of the turn would gather nothing
+            # and cost a loop turn. Under load something is always in flight, and the commands
+            # of one turn still go out together.
+            channel = self._route(key)
+            if (
+                isinstance(channel, Channel)
+                and not channel.in_flight
+                and channel.write_now([entry], self.pack_evalsha(key, args))
+            ):
+                return fut
+        self._pending.append(entry)
         if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._flush)
