@@ -145,11 +145,7 @@ class RateGuard:
             await self._unavailable(exc, send)
             return
         if decision is not None:
-            counts = self._counts
-            if decision.allowed and not decision.degraded:
-                counts[0] += 1
-            else:
-                count(counts, decision)
+            count(self._counts, decision)
             limits.applied.append(Applied(self._header, decision))
             if not decision.allowed:
                 LIMITED.add(client, self.name)  # the rare path: feeds the dashboard's top-k

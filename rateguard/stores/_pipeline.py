@@ -308,18 +308,12 @@ class Batcher:
     def submit(self, key: str, args: Command) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._loop.create_future()
         entry = _Entry(key, args, fut)
-        if not self._scheduled and self._direct and pack_command is not None:
-            # Nothing else is waiting to go out this turn. If nothing is in flight either (a
-            # quiet server), send it now: waiting for the end of the turn would gather nothing
-            # and cost a loop turn. Under load something is always in flight, and the commands
-            # of one turn still go out together.
-            channel = self._route(key)
-            if (
-                isinstance(channel, Channel)
-                and not channel.in_flight
-                and channel.write_now([entry], self.pack_evalsha(key, args))
-            ):
-                return fut
+        # Nothing else is waiting to go out this turn. If nothing is in flight either (a quiet
+        # server), send it now: waiting for the end of the turn would gather nothing and cost a
+        # loop turn. Under load something is always in flight, and the commands of one turn
+        # still go out together.
+        if not self._scheduled and self._write_direct([entry], only_if_idle=True):
+            return fut
         self._pending.append(entry)
         if not self._scheduled:
             self._scheduled = True
@@ -364,13 +358,18 @@ class Batcher:
             return
         pending, self._pending = self._pending, []
         reload, self._reload = self._reload, []
-        if self._direct and not reload and pack_command is not None:
-            channel = self._route(pending[0].key)
-            if isinstance(channel, Channel):
-                packed = b"".join([self.pack_evalsha(e.key, e.args) for e in pending])
-                if channel.write_now(pending, packed):
-                    return
+        if not reload and self._write_direct(pending):
+            return
         self.spawn(self._write(pending, reload))
+
+    def _write_direct(self, entries: list[_Entry], *, only_if_idle: bool = False) -> bool:
+        """Write these EVALSHAs from this callback, for one Redis; False: take the task path."""
+        if not self._direct or pack_command is None:
+            return False
+        channel = self._route(entries[0].key)
+        if not isinstance(channel, Channel) or (only_if_idle and channel.in_flight):
+            return False
+        return channel.write_now(entries, b"".join([self.pack_evalsha(e.key, e.args) for e in entries]))
 
     async def _write(self, pending: list[_Entry], reload: list[_Entry]) -> None:
         groups: dict[int, tuple[Channel, list[_Entry], list[Command]]] = {}
