@@ -16,7 +16,9 @@ pauses and with them the p99.
 from __future__ import annotations
 
 import gc
+import math
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -110,6 +112,59 @@ class HeadersOnly:
 def headers_only() -> FastAPI:
     app = _plain(_app())
     app.add_middleware(HeadersOnly)
+    return app
+
+
+class FloorBucket:
+    """The least a Python token-bucket limiter that sends those fields can do: one dict keyed by
+    the peer address, the refill and take written inline, the five fields formatted per response.
+    No options, no per-route limits, no counters, no Decision: a reference for what RateGuard's
+    own work costs on top of it, not something to deploy."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.buckets: dict[str, list[float]] = {}
+        self.capacity = float(HIGH)
+        self.rate = HIGH / 60.0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        now = time.monotonic()
+        client = scope["client"][0] if scope.get("client") else ""
+        bucket = self.buckets.get(client)
+        if bucket is None:
+            bucket = self.buckets[client] = [self.capacity, now]
+        tokens = min(self.capacity, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < 1.0:  # never in a run: the limit is out of reach
+            bucket[0] = tokens
+            await send({"type": "http.response.start", "status": 429, "headers": [(b"retry-after", b"1")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        bucket[0] = tokens = tokens - 1.0
+        remaining = int(tokens)
+        reset = math.ceil((self.capacity - tokens) / self.rate)
+        fields = [
+            FIELDS[0],
+            (b"ratelimit", b'"global";r=%d;t=%d' % (remaining, 1 if reset else 0)),
+            FIELDS[2],
+            (b"x-ratelimit-remaining", b"%d" % remaining),
+            (b"x-ratelimit-reset", b"%d" % reset),
+        ]
+
+        async def send_with_fields(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *fields]
+            await send(message)
+
+        await self.app(scope, receive, send_with_fields)
+
+
+def floor_memory() -> FastAPI:
+    app = _plain(_app())
+    app.add_middleware(FloorBucket)
     return app
 
 
@@ -230,6 +285,7 @@ BUILDERS: dict[str, Callable[[], FastAPI]] = {
     "none": none,
     "basehttp-noop": basehttp_noop,
     "headers-only": headers_only,
+    "floor-memory": floor_memory,
     "rateguard-memory": rateguard_memory,
     "rateguard-memory-noheaders": lambda: rateguard_memory(headers=False),
     "rateguard-redis": rateguard_redis,

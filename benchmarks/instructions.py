@@ -46,6 +46,7 @@ VALGRIND_HELP = "valgrind is not installed: sudo apt-get install -y valgrind (De
 DEFAULT_VARIANTS = (
     "none",
     "headers-only",
+    "floor-memory",
     "rateguard-memory",
     "rateguard-memory-noheaders",
     "rateguard-memory-blocked",

@@ -204,20 +204,42 @@ class Target:
     text: str
     measured: str
     passed: bool | None  # None: not measured in this run
+    floor: str = ""  # what the least possible design measured in the same run, for context
 
 
 def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
 
-def targets(rounds: dict[str, list[dict[str, Any]]], s: dict[str, Summary]) -> list[Target]:
-    def ratio_target(number: str, text: str, name: str, floor: float) -> Target:
-        r = s[name].ratio if name in s else None
-        return Target(number, text, _fmt(r, ".2f", "x"), None if r is None else r >= floor)
+def targets(
+    rounds: dict[str, list[dict[str, Any]]], s: dict[str, Summary], ping_rtt_us: float | None = None
+) -> list[Target]:
+    # The floors: the least Python limiter sending the same fields (floor-memory), the fields
+    # alone (headers-only), and one bare Redis round trip: what no design of rateguard's can beat.
+    def floor_of(name: str, attr: str, spec: str, suffix: str, label: str) -> str:
+        value = getattr(s[name], attr) if name in s else None
+        return "" if value is None else f"{label} {value:{spec}}{suffix}"
 
-    def added_target(number: str, text: str, name: str, ceiling_us: float) -> Target:
+    memory_floor = "; ".join(
+        x
+        for x in (
+            floor_of("floor-memory", "ratio", ".2f", "x", "least Python token bucket + 5 fields:"),
+            floor_of("headers-only", "ratio", ".2f", "x", "5 fields alone:"),
+        )
+        if x
+    )
+    memory_added_floor = floor_of(
+        "floor-memory", "one_added_us", ".1f", " us", "least Python token bucket + 5 fields:"
+    )
+    redis_added_floor = "" if ping_rtt_us is None else f"one bare Redis PING round trip: {ping_rtt_us:.1f} us"
+
+    def ratio_target(number: str, text: str, name: str, floor: float, context: str = "") -> Target:
+        r = s[name].ratio if name in s else None
+        return Target(number, text, _fmt(r, ".2f", "x"), None if r is None else r >= floor, context)
+
+    def added_target(number: str, text: str, name: str, ceiling_us: float, context: str = "") -> Target:
         a = s[name].one_added_us if name in s else None
-        return Target(number, text, _fmt(a, ".1f", " us"), None if a is None else a <= ceiling_us)
+        return Target(number, text, _fmt(a, ".1f", " us"), None if a is None else a <= ceiling_us, context)
 
     def pair_target(number: str, text: str, a: str, b: str, floor: float) -> Target:
         if a not in rounds or b not in rounds:
@@ -227,9 +249,15 @@ def targets(rounds: dict[str, list[dict[str, Any]]], s: dict[str, Summary]) -> l
 
     p99 = s["rateguard-redis"].p99_ratio if "rateguard-redis" in s else None
     out = [
-        ratio_target("1", "RateGuard + MemoryStore req/s >= 0.95x no limiter", "rateguard-memory", 0.95),
+        ratio_target(
+            "1", "RateGuard + MemoryStore req/s >= 0.95x no limiter", "rateguard-memory", 0.95, memory_floor
+        ),
         added_target(
-            "1", "RateGuard + MemoryStore added latency at 1 connection <= 15 us", "rateguard-memory", 15
+            "1",
+            "RateGuard + MemoryStore added latency at 1 connection <= 15 us",
+            "rateguard-memory",
+            15,
+            memory_added_floor,
         ),
         ratio_target("2", "RateGuard + RedisStore req/s >= 0.75x no limiter", "rateguard-redis", 0.75),
         Target(
@@ -239,7 +267,11 @@ def targets(rounds: dict[str, list[dict[str, Any]]], s: dict[str, Summary]) -> l
             None if p99 is None else p99 <= 1.5,
         ),
         added_target(
-            "2", "RateGuard + RedisStore added latency at 1 connection <= 100 us", "rateguard-redis", 100
+            "2",
+            "RateGuard + RedisStore added latency at 1 connection <= 100 us",
+            "rateguard-redis",
+            100,
+            redis_added_floor,
         ),
     ]
     for ours in ("rateguard-memory", "rateguard-redis"):
@@ -294,6 +326,8 @@ def markdown(
     chart: str | None,
 ) -> str:
     s = summarize(rounds)
+    store = dict(store) if store else None
+    ping_rtt_us: float | None = store.pop("ping_rtt_us", None) if store else None
     lines: list[str] = []
     add = lines.append
     title = f"# rateguard benchmarks, {date}"
@@ -389,6 +423,14 @@ def markdown(
                 f"{_fmt(sm.one_p50_us, '.0f', ' us')} | {_fmt(sm.one_p99_us, '.0f', ' us')} |"
             )
         add("")
+        if ping_rtt_us is not None:
+            add(
+                f"One bare Redis round trip (PING on a plain blocking socket, from the server's CPU to "
+                f"the redis-server on the other, median) took {ping_rtt_us:.1f} us in this run: the "
+                "least any Redis-backed limiter adds to a request here, before its client library, its "
+                "script or the event loop do anything. On a VM most of it is waking the two CPUs up."
+            )
+            add("")
 
     if store:
         add("## Store only: decisions per second, no HTTP")
@@ -416,14 +458,20 @@ def markdown(
                     )
         add("")
 
-    tg = targets(rounds, s)
+    tg = targets(rounds, s, ping_rtt_us)
     add("## Targets (issue 5)")
     add("")
-    add("| # | target | measured | result |")
-    add("|---|---|--:|---|")
+    add(
+        "*floor, same run*: what the least possible design measured here, for scale: a token bucket "
+        "written inline with the same five header fields (`floor-memory`), the fields alone "
+        "(`headers-only`), one bare PING round trip to the same redis-server from the server's CPU."
+    )
+    add("")
+    add("| # | target | measured | result | floor, same run |")
+    add("|---|---|--:|---|---|")
     for t in tg:
         result = "not measured" if t.passed is None else ("PASS" if t.passed else "**FAIL**")
-        add(f"| {t.number} | {t.text} | {t.measured} | {result} |")
+        add(f"| {t.number} | {t.text} | {t.measured} | {result} | {t.floor} |")
     add("")
 
     add("## Machine and versions")
@@ -513,7 +561,9 @@ def chart(path: Path, variants: list[Variant], rounds: dict[str, list[dict[str, 
     colors = [
         "#1f77b4"
         if v.name.startswith("rateguard")
-        else ("#bbbbbb" if v.name in ("basehttp-noop", "headers-only") else "#ff7f0e")  # references: grey
+        else (
+            "#bbbbbb" if v.name in ("basehttp-noop", "headers-only", "floor-memory") else "#ff7f0e"
+        )  # references: grey
         for v in shown
     ]
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.6))

@@ -3,7 +3,8 @@
     python -m benchmarks.storebench --redis-url redis://127.0.0.1:6379/0 --seconds 1 --reps 3
 
 Prints one JSON object: ``{"memory": {"1": decisions_per_s, "64": ...}, "redis": {...}}``, each the
-median of ``--reps`` timed runs. Concurrency N means N tasks, each awaiting ``store.take()`` in a
+median of ``--reps`` timed runs, and with a Redis URL ``"ping_rtt_us"``: one PING round trip on a
+plain blocking socket, the least any Redis client pays per sequential call on this machine. Concurrency N means N tasks, each awaiting ``store.take()`` in a
 loop on the same bucket (one hot key, as in the HTTP runs), on uvloop like the servers.
 """
 
@@ -12,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
 import time
 from typing import Any
+from urllib.parse import urlparse
 
 from rateguard import MemoryStore, RedisStore, Rule
 
@@ -56,6 +59,24 @@ async def measure(
     return out
 
 
+def ping_rtt_us(url: str, seconds: float) -> float:
+    """Median microseconds of one PING round trip, no client library: the physical floor of a
+    sequential Redis call from this CPU (on a VM, mostly the wake-ups of the two CPUs)."""
+    parsed = urlparse(url)
+    with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 6379), timeout=2) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ping = b"*1\r\n$4\r\nPING\r\n"
+        times: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(times) < 100:
+            start = time.perf_counter()
+            sock.sendall(ping)
+            if not sock.recv(64).startswith(b"+PONG"):
+                raise RuntimeError(f"no PONG from {parsed.hostname}:{parsed.port}")
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[len(times) // 10 :]) * 1e6  # the first tenth warms up
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--redis-url", help="measure RedisStore on this server too")
@@ -73,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvicorn[standard] brings uvloop
         runner = asyncio.run
-    result = runner(measure(stores, concurrencies, args.seconds, args.reps))
+    result: dict[str, Any] = runner(measure(stores, concurrencies, args.seconds, args.reps))
+    if args.redis_url:
+        result["ping_rtt_us"] = ping_rtt_us(args.redis_url, args.seconds)
     print(json.dumps(result))
 
 

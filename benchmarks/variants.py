@@ -34,6 +34,12 @@ VARIANTS: tuple[Variant, ...] = (
         "no limiter, 5 header fields",
         "a pure ASGI middleware that limits nothing and adds RateGuard's 5 header fields: their floor cost",
     ),
+    Variant(
+        "floor-memory",
+        "least Python token bucket, 5 fields",
+        "a dict token bucket written inline plus the same 5 header fields, no options: the least any "
+        "Python limiter that sends them costs",
+    ),
     Variant("rateguard-memory", "rateguard memory", "RateGuard middleware, MemoryStore"),
     Variant(
         "rateguard-memory-noheaders",
