@@ -53,6 +53,13 @@ VARIANTS: tuple[Variant, ...] = (
         redis=True,
     ),
     Variant(
+        "floor-redis",
+        "least Redis round trip, 5 fields",
+        "one EVALSHA of rateguard's script per request on a raw asyncio transport, reply parsed in "
+        "data_received, plus the same 5 fields: the least any Redis-backed limiter costs",
+        redis=True,
+    ),
+    Variant(
         "rateguard-memory-blocked",
         "rateguard memory, all blocked",
         "RateGuard, MemoryStore, capacity 1 and a near-zero rate: every request is a 429",
