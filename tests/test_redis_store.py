@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
-from rateguard import RedisStore, Rule, encode_identifier
+from rateguard import Decision, RedisStore, Rule, encode_identifier
 
 from .helpers import client_for
 from .test_middleware import plain_app
@@ -53,8 +54,9 @@ async def test_script_flush_mid_run_recovers(redis_store: RedisStore) -> None:
 async def test_both_reply_readers_answer_in_order_and_recover(
     redis_url: str, direct: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Replies are read straight from hiredis when redis-py's parser is hiredis, else through
-    # redis-py one by one: both must pair every reply with its command, error replies included.
+    # Replies are parsed by hiredis in the transport's callback when redis-py's parser is
+    # hiredis, else read through redis-py one by one by a task: both must pair every reply with
+    # its command, error replies included.
     from rateguard.stores import _pipeline
 
     from .conftest import contract_store
@@ -70,6 +72,66 @@ async def test_both_reply_readers_answer_in_order_and_recover(
         await store.client.script_flush()  # NOSCRIPT error replies in the middle of a batch
         again = await asyncio.gather(*(store.take(f"d{i}", "b", rules[2]) for i in range(20)))
         assert all(d.allowed and d.remaining == 6 for d in again)
+    finally:
+        await store.close()
+
+
+async def _until(condition: Callable[[], object], seconds: float = 5.0) -> None:
+    """Wait for a real connection to get somewhere, bounded."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def _next_from_redis(store: RedisStore, rule: Rule, seconds: float = 5.0) -> Decision:
+    """Take until Redis decides again: after a dropped connection the store decides locally
+    (degraded) until its probe, started by traffic after the back-off, reconnects."""
+    deadline = time.monotonic() + seconds
+    while (decision := await store.take("c", "b", rule)).degraded:
+        assert time.monotonic() < deadline, "Redis never decided again"
+        await asyncio.sleep(0.02)
+    return decision
+
+
+async def test_hiredis_replies_are_read_in_the_transport_callback_and_out_of_step_bytes_drop_it(
+    redis_url: str,
+) -> None:
+    # With hiredis the channel takes over its transport: no reader task, replies answered in
+    # data_received. Bytes no command waits for mean the stream is out of step: the connection
+    # is dropped and a new one made; the bucket, kept in Redis, is unharmed.
+    from rateguard.stores._pipeline import _Replies
+
+    store = RedisStore(url=redis_url, timeout=2.0, connect_timeout=2.0)
+    try:
+        rule = Rule(1, capacity=5)
+        assert (await store.take("c", "b", rule)).remaining == 4
+        channel = store._channels[""]
+        first = channel._replies
+        assert isinstance(first, _Replies) and channel._reader is None
+        first.data_received(b"+OK\r\n")  # a reply nobody asked for
+        assert channel._replies is None and not first.active
+        decision = await _next_from_redis(store, rule)
+        assert decision.remaining == 3  # the local fallback's decisions did not touch Redis
+        assert isinstance(channel._replies, _Replies) and channel._replies is not first
+    finally:
+        await store.close()
+
+
+async def test_a_connection_closed_by_the_server_is_noticed_without_a_reader_task(redis_url: str) -> None:
+    store = RedisStore(url=redis_url, timeout=2.0, connect_timeout=2.0)
+    try:
+        rule = Rule(1, capacity=5)
+        assert (await store.take("c", "b", rule)).remaining == 4
+        channel = store._channels[""]
+        first = channel._replies
+        assert first is not None
+        killed = await store.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert killed >= 1
+        await _until(lambda: not first.active)  # the close reached the channel by itself
+        assert channel._replies is None
+        decision = await _next_from_redis(store, rule)
+        assert decision.remaining == 3  # the local fallback's decisions did not touch Redis
     finally:
         await store.close()
 

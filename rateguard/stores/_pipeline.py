@@ -6,8 +6,10 @@ written as soon as they are ready (pipelined: no waiting for the previous batch)
 matches the replies, which Redis sends in order, to futures in order. Per-command Python work
 and waiting, not Redis, is the cost, so the common case is kept lean: a batch for plain Redis is
 written straight from the event loop's callback (no task), EVALSHA is packed once per rule and
-cost with only the key formatted per request, and replies are drained from hiredis in one loop
-per socket read. On a 2-core machine a one-EVALSHA-per-request middleware runs at ~0.5x the
+cost with only the key formatted per request, and replies are parsed by hiredis in the
+transport's own callback, all the replies of a socket read in one loop, with no reader task to
+wake (a batch's deadline timer is cancelled when its reply comes, so an idle loop is not woken
+50 ms later either). On a 2-core machine a one-EVALSHA-per-request middleware runs at ~0.5x the
 throughput of no limiter; see benchmarks/results for what this gives.
 
 Correctness rules kept here:
@@ -88,7 +90,7 @@ class Histogram:
 class _Entry:
     """One command on the wire, waiting for its reply."""
 
-    __slots__ = ("answered", "args", "attempts", "future", "key", "sent")
+    __slots__ = ("answered", "args", "attempts", "deadline", "future", "key", "sent")
 
     def __init__(self, key: str, args: Command, future: asyncio.Future[Any], attempts: int = 0) -> None:
         self.key = key
@@ -97,6 +99,10 @@ class _Entry:
         self.attempts = attempts
         self.answered = False
         self.sent = 0.0  # set on the last command of a batch: its reply times the round trip
+        # The batch's deadline timer, on its last command; cancelled when the reply comes. Left to
+        # fire, every batch's timer would wake an idle event loop 50 ms later: at one request at a
+        # time that is a wake-up per request, which on a VM costs tens of microseconds each.
+        self.deadline: asyncio.TimerHandle | None = None
 
 
 class Channel:
@@ -106,7 +112,8 @@ class Channel:
         self._make = make_connection
         self._batcher = batcher
         self._conn: Any = None
-        self._reader: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None  # without hiredis: a task reads the replies
+        self._replies: _Replies | None = None  # with hiredis: the transport hands them over
         self._lock = asyncio.Lock()
         self._fifo: deque[_Entry] = deque()
 
@@ -126,7 +133,8 @@ class Channel:
                     async with asyncio.timeout(self._batcher.timeout):
                         await conn.connect()
                     self._conn = conn
-                    self._reader = loop.create_task(self._read(conn))
+                    if not self._take_over(conn):
+                        self._reader = loop.create_task(self._read(conn))
                 if pack_command is not None:
                     packed: Any = b"".join([pack_command(c) for c in commands])
                 else:
@@ -138,7 +146,7 @@ class Channel:
             return
         last = entries[-1]
         last.sent = now = loop.time()
-        loop.call_at(now + self._batcher.timeout, self._deadline, last)
+        last.deadline = loop.call_at(now + self._batcher.timeout, self._deadline, last)
 
     @property
     def in_flight(self) -> bool:
@@ -162,47 +170,57 @@ class Channel:
         writer.write(packed)
         last = entries[-1]
         last.sent = now = self._batcher.loop.time()
-        self._batcher.loop.call_at(now + self._batcher.timeout, self._deadline, last)
+        last.deadline = self._batcher.loop.call_at(now + self._batcher.timeout, self._deadline, last)
         return True
 
     def _deadline(self, last: _Entry) -> None:
         if not last.answered:
             self.fail(TimeoutError(f"no reply from Redis within {self._batcher.timeout * 1000:.0f} ms"))
 
-    async def _read(self, conn: Any) -> None:
+    def _take_over(self, conn: Any) -> bool:
+        """Read this connection's replies in its transport's callback, if hiredis parses them.
+
+        redis-py has connected, authenticated and selected the database; from here on its
+        transport hands every socket read to a `_Replies`, which parses it with redis-py's own
+        hiredis reader (error replies become redis-py's exceptions) and answers the commands at
+        once. A reader task would cost an event-loop turn per read: a wake-up and a task step
+        between the reply and the request it answers. False: no hiredis, use `_read`.
+        """
+        writer: Any = getattr(conn, "_writer", None)
         stream: Any = getattr(conn, "_reader", None)
         parser: Any = getattr(getattr(conn, "_parser", None), "_reader", None)
+        if _HiredisReader is None or not isinstance(parser, _HiredisReader) or writer is None:
+            return False
+        transport = writer.transport
+        replies = _Replies(self, conn, parser, transport.get_protocol())
+        transport.set_protocol(replies)
+        self._replies = replies
+        buffered = getattr(stream, "_buffer", None)
+        if buffered:  # read by redis-py's stream but not parsed: nothing should be, but hand it on
+            data = bytes(buffered)
+            buffered.clear()
+            replies.data_received(data)
+        return True
+
+    def lost(self, conn: Any, exc: BaseException) -> None:
+        """The connection ``conn`` broke (or sent what nobody asked for): fail it if it is current."""
+        if self._conn is conn:
+            self.fail(exc)
+
+    async def _read(self, conn: Any) -> None:
+        """Without hiredis: one reply at a time, through redis-py."""
         try:
-            if stream is not None and _HiredisReader is not None and isinstance(parser, _HiredisReader):
-                # redis-py's hiredis parser keeps a hiredis.Reader that maps error replies to
-                # redis-py's exception classes. Feeding it whole socket reads and draining it
-                # here answers all the replies of a read in one loop, instead of three Python
-                # calls and a timeout per reply (a quarter of the store's CPU, measured).
-                while True:
-                    data = await stream.read(65536)
-                    if not data:
-                        raise RedisConnectionError("Connection closed by server.")
-                    parser.feed(data)
-                    replies = []
-                    reply = parser.gets(False)
-                    while reply is not NOT_ENOUGH_DATA and reply is not False:
-                        replies.append(reply)
-                        reply = parser.gets(False)
-                    if replies and not self._deliver(replies):
-                        return
-            else:  # without hiredis: one reply at a time, through redis-py
-                while True:
-                    try:
-                        reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
-                    except ResponseError as exc:  # an error reply: the stream is still in step
-                        reply = exc
-                    if not self._deliver([reply]):
-                        return
+            while True:
+                try:
+                    reply = await conn.read_response(disable_decoding=True, timeout=math.inf)
+                except ResponseError as exc:  # an error reply: the stream is still in step
+                    reply = exc
+                if not self._deliver([reply]):
+                    return
         except asyncio.CancelledError:
             raise
         except (RedisError, OSError, BatchFailed) as exc:
-            if self._conn is conn:
-                self.fail(exc)
+            self.lost(conn, exc)
 
     def _deliver(self, replies: list[Any]) -> bool:
         """Answer the oldest commands with these replies; False if the connection was failed."""
@@ -215,6 +233,8 @@ class Channel:
             entry.answered = True
             if entry.sent:
                 batcher.latency.observe(batcher.loop.time() - entry.sent)
+                if entry.deadline is not None:
+                    entry.deadline.cancel()
             if isinstance(reply, ResponseError):
                 if not batcher.on_error_reply(entry, reply):
                     self.fail(BatchFailed(f"{type(reply).__name__}: {reply}"), [entry])
@@ -232,6 +252,8 @@ class Channel:
         self._fifo.clear()
         for entry in entries:
             entry.answered = True
+            if entry.deadline is not None:
+                entry.deadline.cancel()
             if not entry.future.done():
                 entry.future.set_exception(error)
         self._drop()
@@ -239,13 +261,20 @@ class Channel:
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
+        self._stop_replies()
         reader, self._reader = self._reader, None
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
         if conn is not None:
             self._batcher.spawn(_disconnect(conn))
 
+    def _stop_replies(self) -> None:
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            replies.active = False  # whatever still arrives on the old socket is not ours
+
     async def aclose(self) -> None:
+        self._stop_replies()
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.cancel()
@@ -257,6 +286,55 @@ class Channel:
             if not entry.future.done():
                 entry.future.set_exception(BatchFailed("store closed"))
         self._fifo.clear()
+
+
+class _Replies(asyncio.Protocol):
+    """The protocol of a channel's transport once `Channel._take_over` has it: replies parsed in
+    ``data_received``. Flow control and the close still reach redis-py's own stream protocol, so
+    its writer's ``drain()``, ``close()`` and ``wait_closed()`` work as before."""
+
+    def __init__(self, channel: Channel, conn: Any, parser: Any, stream_protocol: Any) -> None:
+        self.channel = channel
+        self.conn = conn
+        self.parser = parser
+        self.stream_protocol = stream_protocol
+        self.active = True
+
+    def data_received(self, data: bytes) -> None:
+        if not self.active:
+            return
+        parser = self.parser
+        try:
+            parser.feed(data)
+            replies = []
+            reply = parser.gets(False)
+            while reply is not NOT_ENOUGH_DATA and reply is not False:
+                replies.append(reply)
+                reply = parser.gets(False)
+            if replies and not self.channel._deliver(replies):
+                self.active = False
+        except Exception as exc:  # a reply nobody asked for, bytes hiredis can't parse: out of step
+            self.active = False
+            self.channel.lost(self.conn, exc)
+
+    def eof_received(self) -> bool:
+        self._lost(RedisConnectionError("Connection closed by server."))
+        return False  # let the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(exc or RedisConnectionError("Connection closed by server."))
+        self.stream_protocol.connection_lost(exc)
+
+    def _lost(self, exc: BaseException) -> None:
+        if self.active:
+            self.active = False
+            self.channel.lost(self.conn, exc)
+
+    def pause_writing(self) -> None:
+        self.stream_protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.stream_protocol.resume_writing()
 
 
 async def _disconnect(conn: Any) -> None:
