@@ -126,7 +126,13 @@ class HeadersOnly:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, adding(FIELDS, send))
+
+        async def send_with_fields(message: Any) -> None:  # inline: this is the cheapest way
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *FIELDS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_fields)
 
 
 def headers_only() -> FastAPI:
