@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from rateguard import Decision, RedisStore, Rule, encode_identifier
+from rateguard.stores._pipeline import _Replies
 
 from .helpers import client_for
 from .test_middleware import plain_app
@@ -94,46 +95,48 @@ async def _next_from_redis(store: RedisStore, rule: Rule, seconds: float = 5.0) 
     return decision
 
 
-async def test_hiredis_replies_are_read_in_the_transport_callback_and_out_of_step_bytes_drop_it(
-    redis_url: str,
+RULE_1_PER_MIN = Rule(1, capacity=5)  # no refill to speak of while a test runs
+
+
+@pytest.fixture
+async def taken_once(redis_url: str) -> AsyncIterator[tuple[RedisStore, _Replies]]:
+    """A store (on_error="local": it recovers by itself) that has decided once through Redis,
+    and the protocol its connection's transport hands replies to."""
+    store = RedisStore(url=redis_url, timeout=2.0, connect_timeout=2.0)
+    try:
+        assert (await store.take("c", "b", RULE_1_PER_MIN)).remaining == 4
+        channel = store._channels[""]
+        # With hiredis the channel takes over its transport: no reader task.
+        assert isinstance(channel._replies, _Replies) and channel._reader is None
+        yield store, channel._replies
+    finally:
+        await store.close()
+
+
+async def test_out_of_step_bytes_drop_the_connection_and_a_new_one_takes_over(
+    taken_once: tuple[RedisStore, _Replies],
 ) -> None:
-    # With hiredis the channel takes over its transport: no reader task, replies answered in
-    # data_received. Bytes no command waits for mean the stream is out of step: the connection
-    # is dropped and a new one made; the bucket, kept in Redis, is unharmed.
-    from rateguard.stores._pipeline import _Replies
-
-    store = RedisStore(url=redis_url, timeout=2.0, connect_timeout=2.0)
-    try:
-        rule = Rule(1, capacity=5)
-        assert (await store.take("c", "b", rule)).remaining == 4
-        channel = store._channels[""]
-        first = channel._replies
-        assert isinstance(first, _Replies) and channel._reader is None
-        first.data_received(b"+OK\r\n")  # a reply nobody asked for
-        assert channel._replies is None and not first.active
-        decision = await _next_from_redis(store, rule)
-        assert decision.remaining == 3  # the local fallback's decisions did not touch Redis
-        assert isinstance(channel._replies, _Replies) and channel._replies is not first
-    finally:
-        await store.close()
+    # Bytes no command waits for mean the stream is out of step: the connection is dropped and a
+    # new one made; the bucket, kept in Redis, is unharmed.
+    store, first = taken_once
+    channel = store._channels[""]
+    first.data_received(b"+OK\r\n")  # a reply nobody asked for
+    assert channel._replies is None and not first.active
+    decision = await _next_from_redis(store, RULE_1_PER_MIN)
+    assert decision.remaining == 3  # the local fallback's decisions did not touch Redis
+    assert isinstance(channel._replies, _Replies) and channel._replies is not first
 
 
-async def test_a_connection_closed_by_the_server_is_noticed_without_a_reader_task(redis_url: str) -> None:
-    store = RedisStore(url=redis_url, timeout=2.0, connect_timeout=2.0)
-    try:
-        rule = Rule(1, capacity=5)
-        assert (await store.take("c", "b", rule)).remaining == 4
-        channel = store._channels[""]
-        first = channel._replies
-        assert first is not None
-        killed = await store.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-        assert killed >= 1
-        await _until(lambda: not first.active)  # the close reached the channel by itself
-        assert channel._replies is None
-        decision = await _next_from_redis(store, rule)
-        assert decision.remaining == 3  # the local fallback's decisions did not touch Redis
-    finally:
-        await store.close()
+async def test_a_connection_closed_by_the_server_is_noticed_without_a_reader_task(
+    taken_once: tuple[RedisStore, _Replies],
+) -> None:
+    store, first = taken_once
+    killed = await store.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert killed >= 1
+    await _until(lambda: not first.active)  # the close reached the channel by itself
+    assert store._channels[""]._replies is None
+    decision = await _next_from_redis(store, RULE_1_PER_MIN)
+    assert decision.remaining == 3
 
 
 async def test_decisions_use_redis_time_not_the_app_clock(
