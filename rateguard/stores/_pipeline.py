@@ -9,8 +9,8 @@ written straight from the event loop's callback (no task), EVALSHA is packed onc
 cost with only the key formatted per request, and replies are parsed by hiredis in the
 transport's own callback, all the replies of a socket read in one loop, with no reader task to
 wake (a batch's deadline timer is cancelled when its reply comes, so an idle loop is not woken
-50 ms later either). On a 2-core machine a one-EVALSHA-per-request middleware runs at ~0.5x the
-throughput of no limiter; see benchmarks/results for what this gives.
+50 ms later either). On a 2-core machine a middleware that calls redis-py once per request runs
+at ~0.5x the throughput of no limiter; see benchmarks/results for what this gives.
 
 Correctness rules kept here:
 - A consume script is never resent after a connection error or a timeout: it may have run.
