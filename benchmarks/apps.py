@@ -185,6 +185,10 @@ class _Replies(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        _OPEN.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _OPEN.discard(self)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -192,6 +196,15 @@ class _Replies(asyncio.Protocol):
         while reply is not False:
             self.waiting.popleft().set_result(reply)
             reply = self.reader.gets()
+
+
+_OPEN: set[_Replies] = set()  # floor-redis connections of this process
+
+
+def close_floor_connections() -> None:
+    """Close every floor-redis connection (at shutdown, or after a test)."""
+    for replies in list(_OPEN):
+        replies.transport.close()
 
 
 class FloorRedis:
@@ -261,7 +274,7 @@ class FloorRedis:
 
 
 def floor_redis() -> FastAPI:
-    app = _plain(_app())
+    app = _plain(_app([close_floor_connections]))
     app.add_middleware(FloorRedis)
     return app
 

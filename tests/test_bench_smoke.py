@@ -7,6 +7,7 @@ and no process is left behind.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import shutil
@@ -85,3 +86,31 @@ def test_tiny_run_writes_results(tmp_path: Path) -> None:
         assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
 
     assert _processes_with(token) == [], "the harness left processes running"
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("reference", ["headers-only", "floor-memory", "floor-redis"])
+async def test_the_reference_variants_send_rateguards_fields(
+    reference: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reference is only a floor for rateguard if it makes the server do the same header work:
+    # the same five fields, with the same values, on a first request of the benchmark's limits.
+    from benchmarks import apps
+
+    from .helpers import client_for
+
+    monkeypatch.setattr(apps, "REDIS_URL", redis_url)
+
+    async def first_fields(variant: str) -> dict[str, str]:
+        async with client_for(apps.build(variant)) as client:
+            response = await client.get("/")
+        assert response.status_code == 200 and response.json() == apps.MESSAGE
+        return {k: v for k, v in response.headers.items() if "ratelimit" in k}
+
+    expected = await first_fields("rateguard-memory")
+    assert len(expected) == 5
+    try:
+        assert await first_fields(reference) == expected
+    finally:
+        apps.close_floor_connections()
+        await asyncio.sleep(0)  # the transport closes its socket on the next loop turn
