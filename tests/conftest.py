@@ -1,9 +1,9 @@
-"""Shared fixtures: a real redis-server on a free port, a fake clock, a store per backend."""
+"""Shared fixtures: a real server (redis-server or Valkey, see servers.py) on a free port, a fake
+clock, a store per backend."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -16,17 +16,43 @@ import redis
 from rateguard import MemoryStore, RedisStore
 from rateguard.stores import Store
 
+from . import servers
 from .helpers import stop_process
 from .redis_topologies import _die_with_parent as die_with_parent
 
 # Real Redis Cluster and Sentinel topologies (fixtures redis_cluster, redis_sentinel, ...).
 pytest_plugins = ["tests.redis_topologies"]
 
-REDIS_HELP = (
-    "redis-server is not on the PATH. Install it (Debian/Ubuntu: `sudo apt-get install -y "
-    "redis-server`; macOS: `brew install redis`), or run only the memory tests with "
-    "`pytest -m 'not redis'`."
-)
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A typo (RATEGUARD_TEST_SERVER=valky) stops the run at once, not as an error in every Redis test.
+    requested = os.environ.get(servers.ENV_VAR, "").strip().lower()
+    if requested not in ("", *servers.CHOICES):
+        raise pytest.UsageError(
+            f"{servers.ENV_VAR}={requested!r}: expected one of {', '.join(servers.CHOICES)}, or unset"
+        )
+
+
+def _server_lines() -> list[str]:
+    try:
+        lines = [f"redis server: {servers.chosen().describe()}"]
+    except servers.ServerUnavailable as e:
+        lines = [f"redis server: none, the Redis tests will fail: {e}"]
+    external = os.environ.get("RATEGUARD_TEST_REDIS_URL")
+    if external:
+        lines.append(f"redis server: RATEGUARD_TEST_REDIS_URL={external} for the redis_server fixture")
+    return lines
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which server binary this run starts, so a CI log shows what the Redis tests ran against."""
+    return _server_lines()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if config.get_verbosity() < 0:  # -q hides the header: say it at the end instead
+        for line in _server_lines():
+            terminalreporter.write_line(line)
 
 
 def free_port() -> int:
@@ -36,13 +62,11 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private redis-server process: started on a free port, stopped (and restartable) by tests."""
+    """A private server process (the binary servers.py chose): started on a free port, stopped (and
+    restartable) by tests."""
 
     def __init__(self, workdir: Path, port: int | None = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail(REDIS_HELP, pytrace=False)
-        self.binary = binary
+        self.binary = servers.server_path()
         self.workdir = workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -64,7 +88,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,  # no redis-server outlives a killed test run
+            preexec_fn=die_with_parent,  # no server outlives a killed test run
         )  # fmt: skip
         deadline = time.monotonic() + 10
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
@@ -75,7 +99,7 @@ class RedisServer:
                         return
                 except redis.ConnectionError:
                     if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                        raise RuntimeError(f"{self.binary} did not start on port {self.port}") from None
                     time.sleep(0.02)
         finally:
             client.close()
@@ -93,7 +117,7 @@ class RedisServer:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One redis-server for the session; tests flush it before use."""
+    """One server for the session; tests flush it before use."""
     external = os.environ.get("RATEGUARD_TEST_REDIS_URL")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     if external:  # a server the Makefile or a developer started already

