@@ -253,7 +253,10 @@ class FloorRedis:
         client = scope["client"][0] if scope.get("client") else ""
         reply = asyncio.get_running_loop().create_future()
         replies.waiting.append(reply)
-        replies.transport.write(self.pack(("EVALSHA", self.sha, 1, "floor:" + client, HIGH / 60.0, HIGH, 1)))
+        # ARGV: cost, now ('' = Redis's clock), refund channel ('' = none), rate, capacity.
+        replies.transport.write(
+            self.pack(("EVALSHA", self.sha, 1, "floor:" + client, 1, "", "", HIGH / 60.0, HIGH))
+        )
         _, remaining, _, reset_after = await reply  # never denied: the limit is out of reach
         reset = math.ceil(float(reset_after))
         # Written out here, not through a shared helper: a reference has no layer it does not need.

@@ -544,7 +544,7 @@ def evalsha_ceiling(opts: Options, pin: Pinning, redis: RedisServer) -> dict[str
     for label, pipeline in (("pipelined", ["-P", "16"]), ("unpipelined", [])):
         cmd = [
             *pin.server, binary, "-p", str(redis.port), "-n", str(opts.ceiling_requests), "-c", "32",
-            *pipeline, "-q", "EVALSHA", sha, "1", "rateguard:{127.0.0.1}:global", repr(rule.rate), str(rule.burst), "1",
+            *pipeline, "-q", "EVALSHA", sha, "1", "rateguard:{127.0.0.1}:global", "1", "", "", repr(rule.rate), str(rule.burst),
         ]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         found = re.findall(r"([\d.]+) requests per second", out.stdout)

@@ -2,21 +2,25 @@
 
 from rateguard.admin import admin_router
 from rateguard.bucket import BucketState, Decision, Rule
-from rateguard.dependencies import RateLimitExceeded, limit
-from rateguard.errors import ConfigurationError, RateGuardError, StoreError
+from rateguard.dependencies import LimiterUnavailable, RateLimitExceeded, WebSocketRateLimited, limit
+from rateguard.errors import ConfigurationError, RateGuardError, StoreError, StoreUnavailable
 from rateguard.identity import ClientAddress, encode_identifier
+from rateguard.install import install
+from rateguard.limiter import Limiter, Verdict
 from rateguard.middleware import RateGuard
-from rateguard.stores import Store
+from rateguard.stores import Store, StoreStats
 from rateguard.stores.memory import MemoryStore
 from rateguard.stores.redis import RedisStore
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BucketState",
     "ClientAddress",
     "ConfigurationError",
     "Decision",
+    "Limiter",
+    "LimiterUnavailable",
     "MemoryStore",
     "RateGuard",
     "RateGuardError",
@@ -25,7 +29,12 @@ __all__ = [
     "Rule",
     "Store",
     "StoreError",
+    "StoreStats",
+    "StoreUnavailable",
+    "Verdict",
+    "WebSocketRateLimited",
     "admin_router",
     "encode_identifier",
+    "install",
     "limit",
 ]

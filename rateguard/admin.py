@@ -29,8 +29,6 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from typing import Any
@@ -41,14 +39,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from rateguard.bucket import BucketState, Rule
-from rateguard.dependencies import default_store, limit
+from rateguard.bucket import BucketState
 from rateguard.errors import ConfigurationError, StoreError
 from rateguard.identity import UNKNOWN_CLIENT, ClientAddress, encode_identifier, parse_address
-from rateguard.limiter import Policy
-from rateguard.middleware import RateGuard
+from rateguard.registry import AppLimits, RuleInForce
 from rateguard.stores import Store, StoreStats
-from rateguard.topk import LIMITED, Limited, LimitedClients
+from rateguard.topk import Limited, LimitedClients
 
 TOKEN_ENV = "RATEGUARD_ADMIN_TOKEN"
 _SHORT_TOKEN = 16
@@ -57,28 +53,6 @@ _KINDS = ("any", "address", "identifier")
 _TOP_CLIENTS = 10
 
 logger = logging.getLogger("rateguard.admin")
-
-
-@dataclass(frozen=True, slots=True)
-class RuleInForce:
-    """One bucket name an app's limits use: where it applies, its rule and the store holding it."""
-
-    bucket: str
-    applies_to: str  # "every request" or the routes, e.g. "GET,POST /api/expensive"
-    rule: Rule
-    store: Store
-    policy: Policy
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "bucket": self.bucket,
-            "applies_to": self.applies_to,
-            "requests_per_minute": self.rule.requests_per_minute,
-            "capacity": self.rule.burst,
-            "window": self.rule.window,
-            "identity": "identifier" if self.policy.identifier is not None else "address",
-            "store": self.store.kind,
-        }
 
 
 def admin_router(
@@ -90,8 +64,8 @@ def admin_router(
         `RateGuard` and ``limit()`` dependencies); needed only when the limits live elsewhere.
     :param token: the bearer token every call must carry; by default ``RATEGUARD_ADMIN_TOKEN``,
         read now. Without a token only loopback clients are served.
-    :param limited: where the clients limited most are read from; by default the process-wide
-        `rateguard.topk.LIMITED` that `RateGuard` and ``limit()`` feed.
+    :param limited: where the clients limited most are read from; by default the app's own, which
+        its `RateGuard` and ``limit()``s feed (``app.state.rateguard.limited``).
     """
     return AdminAPI(store=store, token=token, limited=limited)
 
@@ -112,7 +86,7 @@ class AdminAPI:
                 f"got {type(store).__name__}"
             )
         self.store = store
-        self.limited = limited if limited is not None else LIMITED
+        self.limited = limited
         self._digest = _token_digest(token)
         self.router = Router(
             routes=[
@@ -192,23 +166,35 @@ class AdminAPI:
         """What the dashboard polls every second: counters read from memory, never from a store."""
         app = request.scope.get("app")
         rules = discover_rules(app)
-        counts = decision_counts(app)
-        totals = [0, 0, 0]
-        for c in counts.values():
-            for i in range(3):
-                totals[i] += c[i]
+        totals = [0, 0, 0, 0]
         rule_rows = []
         for r in rules:
-            allowed, limited, degraded = counts.get(r.bucket, (0, 0, 0))
-            rule_rows.append({**r.as_json(), "allowed": allowed, "limited": limited, "degraded": degraded})
+            for i in range(4):
+                totals[i] += r.counts[i]
+            allowed, limited, degraded, shadow = r.counts
+            rule_rows.append(
+                {
+                    **r.as_json(),
+                    "allowed": allowed,
+                    "limited": limited,
+                    "degraded": degraded,
+                    "shadow_limited": shadow,
+                }
+            )
+        tracker = self._limited(request)
         body = {
             "t": time.monotonic(),  # server seconds: rates are differences over this clock
-            "decisions": {"allowed": totals[0], "limited": totals[1], "degraded": totals[2]},
+            "decisions": {
+                "allowed": totals[0],
+                "limited": totals[1],
+                "degraded": totals[2],
+                "shadow_limited": totals[3],
+            },
             "rules": rule_rows,
             "stores": [store_health(label, store) for label, store in labelled_stores(self._stores(rules))],
             "limited_clients": {
-                "window": self.limited.window,
-                "clients": [_limited_json(c) for c in self.limited.top(_TOP_CLIENTS)],
+                "window": tracker.window,
+                "clients": [_limited_json(c) for c in tracker.top(_TOP_CLIENTS)],
             },
             "server": {"host": socket.gethostname(), "pid": os.getpid()},
         }
@@ -276,7 +262,7 @@ class AdminAPI:
             for i, key, state in mine:
                 shown.add(i)
                 buckets.append(_bucket_json(key, state, r, stored=True))
-            if not mine:
+            if not mine and r.rule is not None:  # (a rate callable's rule depends on the request)
                 # No stored bucket means a full one: that is how a token bucket starts.
                 key = _natural_key(keys, r)
                 full = BucketState(r.bucket, float(r.rule.burst), r.rule.burst, r.rule.rate)
@@ -311,6 +297,12 @@ class AdminAPI:
         )
         return JSONResponse({"identifier": identifier, "kind": kind, "keys": keys, "cleared": cleared})
 
+    def _limited(self, request: Request) -> LimitedClients:
+        if self.limited is not None:
+            return self.limited
+        registry = AppLimits.of(request.scope)
+        return registry.limited if registry is not None else LimitedClients()
+
     def _stores(self, rules: list[RuleInForce]) -> list[Store]:
         stores: list[Store] = [] if self.store is None else [self.store]
         for r in rules:
@@ -333,100 +325,26 @@ def _target(request: Request) -> tuple[str, str, list[RuleInForce], list[str]] |
     return identifier, kind, rules, client_keys(identifier, kind, rules)
 
 
+def _registry(app: Any) -> AppLimits | None:
+    state = getattr(app, "state", None)
+    registry = getattr(state, "rateguard", None) if state is not None else None
+    return registry if isinstance(registry, AppLimits) else None
+
+
 def discover_rules(app: Any) -> list[RuleInForce]:
-    """The bucket names, rules and stores of an app's `RateGuard` middleware and ``limit()`` routes."""
-    if app is None:
-        return []
-    guards = [node for node in _middleware_chain(app) if isinstance(node, RateGuard)]
-    rules: list[RuleInForce] = [
-        RuleInForce(g.name, "every request", g.policy.rule, g.store, g.policy) for g in guards
-    ]
-    # limit() without store= uses the store of the request's outermost RateGuard, else a default.
-    route_store: Store | None = guards[0].store if guards else None
-    seen: dict[tuple[int, str], int] = {}
-    for bucket, applies_to, dep in _route_limits(getattr(app, "routes", []), depth=0):
-        store = dep.policy.store
-        if store is None:
-            store = route_store if route_store is not None else default_store()
-        at = seen.get((id(store), bucket))
-        if at is None:
-            seen[(id(store), bucket)] = len(rules)
-            rules.append(RuleInForce(bucket, applies_to, dep.policy.rule, store, dep.policy))
-        elif applies_to not in rules[at].applies_to.split(", "):  # limit(name=...) on several routes
-            old = rules[at]
-            rules[at] = RuleInForce(
-                old.bucket, f"{old.applies_to}, {applies_to}", old.rule, old.store, old.policy
-            )
-    return rules
+    """The buckets an app's limits use, with their rules and stores, from its registry.
 
-
-def _middleware_chain(app: Any) -> Iterator[Any]:
-    node = getattr(app, "middleware_stack", None)  # built by Starlette on its first request
-    seen: set[int] = set()
-    while node is not None and id(node) not in seen and len(seen) < 64:
-        seen.add(id(node))
-        yield node
-        node = getattr(node, "app", None)
-
-
-def _route_limits(routes: Any, depth: int, prefix: str = "") -> Iterator[tuple[str, str, limit]]:
-    if depth > 8:
-        return
-    for route in routes:
-        # FastAPI's included routers hold each route with its prefix in an "effective" context.
-        contexts = getattr(route, "effective_route_contexts", None)
-        if callable(contexts):
-            for ctx in contexts():
-                yield from _limits_of(getattr(ctx, "dependant", None), ctx, prefix)
-                sub = getattr(ctx, "starlette_route", None)
-                if sub is not None and hasattr(sub, "routes"):
-                    yield from _route_limits(sub.routes, depth + 1, prefix + getattr(ctx, "path", ""))
-            continue
-        yield from _limits_of(getattr(route, "dependant", None), route, prefix)
-        if hasattr(route, "routes") and not hasattr(route, "dependant"):  # Mount, Host
-            yield from _route_limits(route.routes, depth + 1, prefix + getattr(route, "path", ""))
-
-
-def _limits_of(dependant: Any, shown: Any, prefix: str) -> Iterator[tuple[str, str, limit]]:
-    if dependant is None:
-        return
-    methods = getattr(shown, "methods", None)
-    path = prefix + getattr(shown, "path", "")
-    # The same naming limit() uses at request time: methods and the full path template.
-    applies_to = f"{','.join(sorted(methods))} {path}" if methods else str(path)
-    stack, visited = [dependant], 0
-    while stack and visited < 256:
-        dep = stack.pop()
-        visited += 1
-        call = getattr(dep, "call", None)
-        if isinstance(call, limit):
-            yield call.policy.name or applies_to, applies_to, call
-        stack.extend(getattr(dep, "dependencies", ()))
-
-
-def decision_counts(app: Any) -> dict[str, tuple[int, int, int]]:
-    """Decisions ``(allowed, limited, degraded)`` per bucket name in this process, read from memory.
-
-    Summed over every policy that names the bucket (``limit(name=...)`` on several routes, or two
-    limits given the same name), so each bucket appears once whatever the app's shape.
+    `RateGuard` registers its rule at start-up and every limit its buckets when first used, so
+    a route's limit is listed once the route has served a request.
     """
-    if app is None:
-        return {}
-    sources: dict[tuple[int, str], Policy] = {}
-    for node in _middleware_chain(app):
-        if isinstance(node, RateGuard):
-            sources.setdefault((id(node.policy), node.name), node.policy)
-    for bucket, _, dep in _route_limits(getattr(app, "routes", []), depth=0):
-        sources.setdefault((id(dep.policy), bucket), dep.policy)
-    out: dict[str, tuple[int, int, int]] = {}
-    for (_, bucket), policy in sources.items():
-        counts = policy.counts.get(bucket)
-        if counts is None:
-            out.setdefault(bucket, (0, 0, 0))
-            continue
-        a, lim, d = out.get(bucket, (0, 0, 0))
-        out[bucket] = (a + counts[0], lim + counts[1], d + counts[2])
-    return out
+    registry = _registry(app)
+    return list(registry.rules.values()) if registry is not None else []
+
+
+def decision_counts(app: Any) -> dict[str, tuple[int, ...]]:
+    """Decisions ``(allowed, limited, degraded, shadow_limited)`` per bucket name in this process."""
+    registry = _registry(app)
+    return registry.counts() if registry is not None else {}
 
 
 def labelled_stores(stores: list[Store]) -> list[tuple[str, Store]]:
@@ -481,7 +399,7 @@ def client_keys(identifier: str, kind: str, rules: list[RuleInForce]) -> list[st
         host = identifier
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        prefixes = sorted({r.policy.client_address.ipv6_prefix for r in rules} or {64})
+        prefixes = sorted({r.owner.client_address.ipv6_prefix for r in rules} or {64})
         for prefix in prefixes:
             key = encode_identifier(ClientAddress(ipv6_prefix=prefix)({"client": (host, 0)}))
             if key not in keys:
@@ -494,7 +412,7 @@ def client_keys(identifier: str, kind: str, rules: list[RuleInForce]) -> list[st
 
 
 def _natural_key(keys: list[str], rule: RuleInForce) -> str:
-    if rule.policy.identifier is not None:
+    if rule.owner.identifier is not None:
         for key in keys:
             if key.startswith("id:"):
                 return key
@@ -597,7 +515,7 @@ def _bucket_json(key: str, state: BucketState, rule: RuleInForce | None, *, stor
         "requests_per_minute": round(state.requests_per_minute, 6),
         "retry_after": round(state.retry_after, 3),
         "reset_after": round(state.reset_after, 3),
-        "applies_to": rule.applies_to if rule is not None else None,  # None: no rule in force names it
+        "applies_to": ", ".join(rule.applies_to) if rule is not None else None,  # None: no rule names it
     }
 
 

@@ -1,197 +1,272 @@
-"""limit(): a per-route limit for FastAPI, ``dependencies=[Depends(limit(5))]``."""
+"""limit(): limits for FastAPI routes, routers and apps, ``dependencies=[Depends(limit(5))]``."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI reads the dependency's signature at
+# run time, and before 0.11x it could not resolve string annotations on a callable object
+# (``request``/``response`` became query parameters: every request got a 422).
 
-from collections.abc import Iterable
-from typing import Any
+import inspect
+import typing
+from typing import Any, Unpack
 
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.exceptions import HTTPException, WebSocketException
+from starlette.requests import HTTPConnection
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 
+from rateguard._compat import served_routes
+from rateguard.bucket import Rule
+from rateguard.checks import warn_once
 from rateguard.errors import StoreError
-from rateguard.limiter import (
-    DEFAULT_MESSAGE,
-    SCOPE_KEY,
-    UNAVAILABLE_MESSAGE,
-    Applied,
-    Cost,
-    Headers,
-    Identifier,
-    Policy,
-    PolicyHeader,
-    Predicate,
-    RequestLimits,
-    count,
-    error_body,
-    render_headers,
-    retry_after_seconds,
-    unavailable_seconds,
-)
+from rateguard.headers import UNAVAILABLE_MESSAGE, as_dict, render, retry_after_seconds, unavailable_seconds
+from rateguard.limiter import SCOPE_KEY, Planner, RequestLimits, ShadowLog, Verdict, claim, decide
+from rateguard.policy import LimitOptions, Policy
+from rateguard.registry import AppLimits
 from rateguard.stores import Store
 from rateguard.stores.memory import MemoryStore
-from rateguard.topk import LIMITED
 
-_default_store: MemoryStore | None = None
-
-
-def default_store() -> MemoryStore:
-    """The process-wide store of `limit()`s that have no ``store=`` and no `RateGuard` to share."""
-    global _default_store
-    if _default_store is None:
-        _default_store = MemoryStore()
-    return _default_store
+# Close code for a refused websocket where the server can't answer the handshake with a 429:
+# 1008, policy violation (RFC 6455 7.4.1); the reason says when to come back.
+WS_POLICY_VIOLATION = 1008
+WS_TRY_AGAIN_LATER = 1013
 
 
 class RateLimitExceeded(HTTPException):
-    """Raised by `limit()` when a request is over its limit; rendered as the 429 JSON body."""
+    """Raised by `limit()` when a request is over its limit: a 429 with ``Retry-After``.
 
-    def __init__(self, message: str, retry_after: int, headers: dict[str, str] | None) -> None:
-        super().__init__(status_code=429, detail=message, headers=headers)
-        self.message = message
-        self.retry_after = retry_after
-
-
-async def rate_limit_exceeded_handler(request: Request, exc: Exception) -> Response:
-    """Render `RateLimitExceeded` as ``{"error", "message", "retry_after"}``, like `RateGuard` does."""
-    assert isinstance(exc, RateLimitExceeded)
-    return Response(
-        error_body(exc.message, exc.retry_after),
-        status_code=429,
-        headers=exc.headers,
-        media_type="application/json",
-    )
-
-
-def _install_handler(request: Request) -> None:
-    # FastAPI renders any HTTPException as {"detail": ...}. The handler table of the app's
-    # ExceptionMiddleware is looked up per request from the scope; registering our handler for our
-    # own exception class (only if the app has none) gives limit() the same 429 body as RateGuard.
-    # An app's own handler for 429 or for RateLimitExceeded still wins.
-    handlers = request.scope.get("starlette.exception_handlers")
-    if handlers and isinstance(handlers[0], dict):
-        handlers[0].setdefault(RateLimitExceeded, rate_limit_exceeded_handler)
-
-
-def _as_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
-
-
-def _route_bucket(scope: Any) -> str:
-    """``"<METHODS> <path template>"`` of the route that matched, e.g. ``"GET /items/{id}"``.
-
-    FastAPI hands the dependency the router's own route object, whose template lacks the prefix
-    it was included under (``include_router(r, prefix="/v1")``); the prefix is recovered from the
-    request path, so ``/v1/items/{id}`` and ``/v2/items/{id}`` don't share a bucket.
-    """
-    route = scope.get("route")
-    template = getattr(route, "path", None)
-    if template is None:
-        return str(scope.get("path", ""))
-    prefix = ""
-    path = scope.get("path")
-    regex = getattr(route, "path_regex", None)
-    if path is not None and regex is not None:
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        if not regex.match(path):
-            for i in range(1, len(path)):
-                if path[i] == "/" and regex.match(path[i:]):
-                    prefix = path[:i]
-                    break
-        prefix = root + prefix
-    methods = getattr(route, "methods", None)
-    full = prefix + template
-    return f"{','.join(sorted(methods))} {full}" if methods else full
-
-
-class limit:
-    """A per-route limit: ``@app.post("/x", dependencies=[Depends(limit(5))])`` = 5 per minute.
-
-    Takes the same options as `RateGuard`. Each route it guards gets its own bucket per client,
-    named after the route's method set and path template (``"POST /items/{id}"``) unless ``name=``
-    is given. Without ``store=`` it uses the store of the app's `RateGuard`, or else one
-    process-wide `MemoryStore`.
+    An app's own handler for it (or for ``HTTPException``, or for status 429) renders it; with
+    none, FastAPI's answers ``{"detail": message}``, and `rateguard.install(app)` gives it
+    rateguard's body, the same as `RateGuard`'s.
     """
 
     def __init__(
-        self,
-        requests_per_minute: float = 60,
-        *,
-        capacity: int | None = None,
-        store: Store | None = None,
-        identifier: Identifier | None = None,
-        skip: Predicate | None = None,
-        message: str = DEFAULT_MESSAGE,
-        cost: Cost = 1,
-        name: str | None = None,
-        trusted_proxies: Iterable[str] | None = None,
-        ipv6_prefix: int = 64,
-        proxy_header: str = "x-forwarded-for",
-        headers: Headers = True,
+        self, message: str, retry_after: int, headers: dict[str, str] | None, verdict: Verdict | None = None
     ) -> None:
-        self.policy = Policy(
-            requests_per_minute=requests_per_minute,
-            capacity=capacity,
-            store=store,
-            identifier=identifier,
-            skip=skip,
-            message=message,
-            cost=cost,
-            name=name,
-            trusted_proxies=trusted_proxies,
-            ipv6_prefix=ipv6_prefix,
-            proxy_header=proxy_header,
-            headers=headers,
-        )
-        self._headers: dict[str, PolicyHeader] = {}  # bucket name -> its pre-rendered headers
+        super().__init__(status_code=429, detail=message, headers=headers)
+        self.message = message
+        self.retry_after = retry_after
+        self.verdict = verdict
+
+
+class LimiterUnavailable(HTTPException):
+    """Raised by `limit()` when its store can't decide and its outage policy refuses: a 503."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(503, UNAVAILABLE_MESSAGE, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
+class WebSocketRateLimited(WebSocketException):
+    """Raised by `limit()` on a websocket over its limit.
+
+    With `RateGuard` in front (or `rateguard.install(app)`), the handshake is answered with HTTP
+    429 and ``Retry-After`` where the server supports the websocket denial response extension,
+    else it is accepted and closed at once with code 1008 and the wait in the reason. With
+    neither, Starlette closes it before accepting, which servers answer with 403.
+    """
+
+    def __init__(self, message: str, retry_after: int, headers: dict[str, str]) -> None:
+        super().__init__(WS_POLICY_VIOLATION, f"{message} Retry after {retry_after} s."[:120])
+        self.message = message
+        self.retry_after = retry_after
+        self.headers = headers
+
+
+def _route_name(route: Any, scope: Any, limits: RequestLimits) -> str:
+    """``"<METHODS> <full path template>"`` of the route that matched, e.g. ``"GET /items/{id}"``.
+
+    The route object may lack the prefix it was included or mounted under (FastAPI hands the
+    router's own route to every inclusion), so the prefix is what the request path has in front
+    of the route's own part: ``/v1/items/{id}`` and ``/v2/items/{id}`` (and ``/v1/{rest:path}``
+    and ``/v2/{rest:path}``) are different buckets.
+    """
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    methods = getattr(route, "methods", None)
+    kind = ",".join(sorted(methods)) if methods else ("WS" if scope.get("type") == "websocket" else "")
+    if not isinstance(template, str):
+        return f"{kind} {scope.get('path', '')}".strip()
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    suffix = template
+    convertors = getattr(route, "param_convertors", None)
+    if convertors:
+        params = scope.get("path_params", {})
+        try:
+            suffix = str(route.url_path_for(route.name, **{k: params[k] for k in convertors}))
+        except Exception:  # not this route's parameters: name it by its template alone
+            suffix = ""
+    prefix = path[: len(path) - len(suffix)] if suffix and path.endswith(suffix) else ""
+    # A mount's part of the path: root_path beyond what it was where the first limit saw it.
+    base_root = scope.get("app_root_path", limits.root_path)
+    mount = root[len(base_root) :] if root.startswith(base_root) else root
+    return f"{kind} {mount}{prefix}{template}".strip()
+
+
+def _returns_response(route: Any) -> bool:
+    endpoint = getattr(route, "endpoint", None)
+    try:
+        annotation = typing.get_type_hints(endpoint).get("return") if endpoint is not None else None
+    except Exception:  # unresolvable annotations: can't tell
+        return False
+    return inspect.isclass(annotation) and issubclass(annotation, Response)
+
+
+class limit:
+    """A limit for a route, a router or a whole app: ``dependencies=[Depends(limit(5))]``.
+
+    ``limit(5)`` is 5 a minute; ``limit("10/second", "1000/day")`` and ``limit(rate=...)`` take
+    rates as `RateGuard` does (see the README). Each rule of each route it guards gets its own
+    bucket per client, named after the route's method set and full path template
+    (``"POST /items/{id}"``, with ``:1d`` and the like after it when a limit has several rules)
+    unless ``name=`` is given. Without ``store=`` it uses the store of the app's `RateGuard`, or
+    else a `MemoryStore` of the app's own. It works on websocket routes too (a connection attempt
+    takes a token), and `hit()` checks it from your own code (a websocket message, say).
+    """
+
+    def __init__(self, *rates: float | str | Rule, **options: Unpack[LimitOptions]) -> None:
+        self.policy = Policy("limit", rates, options)
+        self._planner = Planner()
+        self._shadow = ShadowLog()
+        self._checked: set[int] = set()  # routes whose dropped-headers check ran
+        self._own_store: MemoryStore | None = None  # only outside any app (hit() on a bare connection)
 
     def __repr__(self) -> str:
-        rule = self.policy.rule
-        return f"limit({rule.requests_per_minute!r}, capacity={rule.burst})"
+        return f"limit({self.policy.describe()!r})"
 
-    async def __call__(self, request: Request, response: Response) -> None:
-        policy = self.policy
-        if await policy.should_skip(request):
-            return
-        scope = request.scope
-        limits: RequestLimits | None = scope.get(SCOPE_KEY)
-        behind_middleware = limits is not None
-        if limits is None:
-            limits = scope[SCOPE_KEY] = RequestLimits(
-                policy.store if policy.store is not None else default_store(), policy.headers
-            )
-        store = policy.store if policy.store is not None else limits.store
+    def _store(self, limits: RequestLimits) -> Store:
+        policy_store = self.policy.store
+        if policy_store is not None:
+            return policy_store
+        if limits.store is not None:
+            return limits.store
+        if limits.registry is not None:
+            return limits.registry.default_store
+        if self._own_store is None:
+            self._own_store = MemoryStore()
+        return self._own_store
 
-        bucket = policy.name or _route_bucket(scope)
-        header = self._headers.get(bucket)
-        if header is None:
-            header = PolicyHeader(bucket, policy.rule)
-            if len(self._headers) < 1024:  # route templates are few; raw paths (no route) are not
-                self._headers[bucket] = header
-        client = await policy.client_id(scope, request)
-        cost = await policy.cost_of(request)
-        try:
-            decision = await store.take(client, bucket, policy.rule, cost)
-        except StoreError as exc:
-            raise HTTPException(
-                503, UNAVAILABLE_MESSAGE, headers={"Retry-After": str(unavailable_seconds(exc))}
-            ) from exc
-        count(policy.counter(bucket), decision)
-        limits.applied.append(Applied(header, decision))
+    async def hit(self, connection: HTTPConnection) -> Verdict:
+        """Decide this limit for a connection yourself (each websocket message, say): a `Verdict`.
 
-        # Behind RateGuard, its send wrapper renders the headers of every limit that applied, unless
-        # it was told to send none: then a 429 still needs its Retry-After from here.
-        fields = limits.fields
-        headers = (
-            None
-            if behind_middleware and fields is not False
-            else _as_dict(render_headers(limits.applied, fields))
+        Its buckets are named after the connection's route with `` (hit)`` after it (or
+        ``name=``), apart from the route's own limits; nothing is raised and no header is sent:
+        look at ``verdict.allowed`` and ``verdict.retry_after``.
+        """
+        limits = RequestLimits(None, AppLimits.of(connection.scope), self.policy.headers, False)
+        route_name = _route_name(connection.scope.get("route"), connection.scope, limits)
+        base = self.policy.name or f"{route_name} (hit)"  # apart from the route's own limits
+        verdict = await decide(
+            self.policy,
+            self._planner,
+            self._shadow,
+            self._store(limits),
+            base,
+            route_name,
+            connection.scope,
+            connection,
+            limits,
         )
-        if not decision.allowed:
-            LIMITED.add(client, bucket)  # the rare path: feeds the dashboard's top-k
-            _install_handler(request)
-            raise RateLimitExceeded(policy.message, retry_after_seconds(limits.applied), headers)
-        if headers:
-            response.headers.update(headers)
+        return verdict if verdict is not None else Verdict(True, ())
+
+    async def __call__(self, connection: HTTPConnection, response: Response) -> None:
+        scope = connection.scope
+        policy = self.policy
+        limits: RequestLimits | None = scope.get(SCOPE_KEY)
+        if limits is None:
+            limits = scope[SCOPE_KEY] = RequestLimits(None, AppLimits.of(scope), policy.headers, False)
+            limits.root_path = scope.get("root_path", "")
+        route = scope.get("route")
+        route_name = _route_name(route, scope, limits)
+        base = limits.claim(policy.name or route_name, policy.name is not None)
+        websocket = scope["type"] == "websocket"
+        try:
+            verdict = await decide(
+                policy,
+                self._planner,
+                self._shadow,
+                self._store(limits),
+                base,
+                route_name,
+                scope,
+                connection,
+                limits,
+            )
+        except StoreError as exc:
+            if websocket:
+                raise WebSocketException(WS_TRY_AGAIN_LATER, UNAVAILABLE_MESSAGE) from exc
+            raise LimiterUnavailable(unavailable_seconds(exc)) from exc
+        if verdict is None or not limits.applied:
+            return
+        headers = (
+            None if limits.guarded and limits.fields is not False else render(limits.applied, limits.fields)
+        )
+        if verdict.allowed:
+            if headers:
+                response.headers.update(as_dict(headers))
+                if id(route) not in self._checked:
+                    self._checked.add(id(route))
+                    if _returns_response(route):
+                        warn_once(
+                            policy.validate,
+                            "dropped-headers",
+                            f"limit() on {route_name} has no RateGuard in front, and the endpoint returns a "
+                            "Response, so FastAPI drops the rate-limit headers limit() sets; add "
+                            "app.add_middleware(RateGuard, ...) to send them on every response",
+                        )
+            return
+        retry_after = retry_after_seconds(limits.applied)
+        refusal = as_dict(headers if headers is not None else render(limits.applied, limits.fields))
+        if websocket:
+            if not limits.guarded:
+                warn_once(
+                    policy.validate,
+                    "websocket-429",
+                    "limit() refused a websocket, but with no RateGuard in front the handshake can only be "
+                    "closed (servers answer 403); add app.add_middleware(RateGuard, ...) or call "
+                    "rateguard.install(app) to answer 429 with Retry-After",
+                )
+            raise WebSocketRateLimited(policy.message, retry_after, refusal)
+        raise RateLimitExceeded(policy.message, retry_after, refusal, verdict)
+
+
+def register_declared(app: Any, registry: AppLimits, store: Store) -> None:
+    """Register the limits an app declares in ``dependencies=`` (route, router and app level).
+
+    So the admin API and metrics list them from the start; limits declared elsewhere (inside
+    another dependency, a mounted app) are registered when first used. ``store`` is what a limit
+    without ``store=`` uses: the outermost `RateGuard`'s.
+    """
+    for route in served_routes(app):
+        path = getattr(route, "path_format", None) or getattr(route, "path", None)
+        if not isinstance(path, str):
+            continue
+        methods = getattr(route, "methods", None)
+        route_name = f"{','.join(sorted(methods)) if methods else 'WS'} {path}"
+        claims: list[str] = []
+        for dep in getattr(route, "dependencies", ()):
+            guard = getattr(dep, "dependency", None)
+            if isinstance(guard, limit):
+                policy = guard.policy
+                base = claim(claims, policy.name or route_name, policy.name is not None)
+                if policy.rate_fn is None:  # a rate callable's rules depend on the request
+                    guard._planner.plan(
+                        policy, policy.store or store, registry, base, policy.rules, route_name
+                    )
+
+
+def route_has_limit(route: BaseRoute) -> bool:
+    """Whether a route's own ``dependencies`` (route, router and app level) include a `limit`."""
+    return any(
+        isinstance(getattr(dep, "dependency", None), limit) for dep in getattr(route, "dependencies", ())
+    )
+
+
+__all__ = [
+    "LimiterUnavailable",
+    "RateLimitExceeded",
+    "WebSocketRateLimited",
+    "limit",
+    "register_declared",
+    "route_has_limit",
+]

@@ -1,326 +1,311 @@
-"""From a request to a `Decision`, and from decisions to HTTP: shared by middleware and `limit()`."""
+"""From a request to decisions: the one flow `RateGuard`, `limit()` and `Limiter` share.
+
+A request may pass several limits: a `RateGuard` (or two, or one in a mounted sub-app), then
+the `limit()`s of its route, router and app. Each rule of each limit is its own bucket; the
+rules of one limit are decided in one atomic step, and a request that one limit refuses takes no
+token from any: what the earlier limits took for it is given back. The per-request record,
+`RequestLimits`, lives in ``scope["rateguard"]``; whoever renders the headers reads it.
+"""
 
 from __future__ import annotations
 
-import inspect
-import json
-import math
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Literal, Union
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Unpack
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection
 
-from rateguard.bucket import EPSILON, Decision, Rule
-from rateguard.errors import ConfigurationError, StoreError
-from rateguard.identity import ClientAddress, encode_identifier
+from rateguard.bucket import Decision, Rule
+from rateguard.errors import StoreError
+from rateguard.headers import Applied, PolicyHeader
+from rateguard.identity import encode_identifier
+from rateguard.policy import Headers, LimitOptions, Policy
+from rateguard.rates import period_label
+from rateguard.registry import ALLOWED, DEGRADED, LIMITED, SHADOW, AppLimits
 from rateguard.stores import Store
+from rateguard.stores.memory import MemoryStore
 
-DEFAULT_MESSAGE = "Too many requests, please try again later."
-
-# Where a request's rate-limit decisions are collected, so that the outermost RateGuard renders
-# every limit that applied (global and per-route) into one set of headers.
 SCOPE_KEY = "rateguard"
 
-MaybeAwaitable = Union[Awaitable[Any], Any]  # noqa: UP007
-Identifier = Callable[[Request], MaybeAwaitable]
-Predicate = Callable[[Request], MaybeAwaitable]
-Cost = Union[int, Callable[[Request], MaybeAwaitable]]  # noqa: UP007
+logger = logging.getLogger("rateguard")
 
 
-# Which rate-limit header fields responses carry: both sets (True), none (False; a 429 still has
-# Retry-After), or one set: "ietf" (RateLimit, RateLimit-Policy) or "x-ratelimit" (the X- trio).
-Headers = Union[bool, Literal["ietf", "x-ratelimit"]]  # noqa: UP007
-HEADER_CHOICES: tuple[Headers, ...] = (True, False, "ietf", "x-ratelimit")
-
-
-def header_fields(value: object) -> Headers:
-    """Validate the ``headers`` option."""
-    for choice in HEADER_CHOICES:
-        if value is choice or (isinstance(value, str) and value == choice):
-            return choice
-    raise ConfigurationError(
-        f"headers must be True (RateLimit and X-RateLimit-* fields), 'ietf', 'x-ratelimit' or "
-        f"False (none; a 429 keeps Retry-After), got {value!r}"
-    )
-
-
-def _name_of(func: Any) -> str:
-    return getattr(func, "__qualname__", None) or repr(func)
-
-
-class Policy:
-    """One configured limit: a rule, a store (or none: use the app's), and the options."""
+class RequestLimits:
+    """What the limits of one request did: for its headers, its give-backs and unique names."""
 
     __slots__ = (
-        "client_address",
-        "cost",
-        "counts",
-        "headers",
-        "identifier",
+        "applied",
+        "claims",
+        "fields",
+        "guarded",
         "message",
-        "name",
-        "rule",
-        "skip",
+        "refusal",
+        "registry",
+        "root_path",
         "store",
+        "taken",
     )
 
     def __init__(
-        self,
-        *,
-        requests_per_minute: float = 60,
-        capacity: int | None = None,
-        store: Store | None = None,
-        identifier: Identifier | None = None,
-        skip: Predicate | None = None,
-        message: str = DEFAULT_MESSAGE,
-        cost: Cost = 1,
-        name: str | None = None,
-        trusted_proxies: Iterable[str] | None = None,
-        ipv6_prefix: int = 64,
-        proxy_header: str = "x-forwarded-for",
-        headers: Headers = True,
+        self, store: Store | None, registry: AppLimits | None, fields: Headers, guarded: bool
     ) -> None:
-        self.rule = Rule(requests_per_minute, capacity)
-        self.headers = header_fields(headers)
-        if store is not None and not isinstance(store, Store):
-            raise ConfigurationError(
-                f"store must be a rateguard store such as MemoryStore() or "
-                f"RedisStore(url='redis://localhost:6379'), got {type(store).__name__}"
-            )
-        for option, value in (("identifier", identifier), ("skip", skip)):
-            if value is not None and not callable(value):
-                raise ConfigurationError(
-                    f"{option} must be a callable taking the request, got {value!r}; "
-                    f"e.g. {option}=lambda request: ..."
-                )
-        if callable(cost):
-            self.cost: Cost = cost
-        else:
-            self.cost = self.rule.check_cost(cost)
-        if not isinstance(message, str):
-            raise ConfigurationError(f"message must be a string, got {type(message).__name__}")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise ConfigurationError(f"name must be a non-empty string, got {name!r}")
-        self.store = store
-        self.identifier = identifier
-        self.skip = skip
-        self.message = message
-        self.name = name
-        self.client_address = ClientAddress(trusted_proxies, ipv6_prefix, proxy_header)
-        # Decisions per bucket name: [allowed, limited, degraded], read by metrics and the admin.
-        self.counts: dict[str, list[int]] = {}
+        self.store = store  # the outermost RateGuard's: limit()s without store= use it
+        self.registry = registry
+        self.fields = fields  # the headers option of whoever renders the headers
+        self.guarded = guarded  # a RateGuard renders the headers (else each limit() does)
+        self.applied: list[Applied] = []
+        self.taken: list[tuple[Store, str, Sequence[tuple[str, Rule]], int]] = []
+        self.claims: list[str] = []
+        self.root_path: str = ""
+        self.refusal: Verdict | None = None  # what refused the request, and its message
+        self.message = ""
 
-    def counter(self, bucket: str) -> list[int]:
-        """The decision counts of one bucket name (created on first use, bounded)."""
-        counts = self.counts.get(bucket)
-        if counts is None:
-            counts = [0, 0, 0]
-            if len(self.counts) < 1024:  # bucket names are route templates: few
-                self.counts[bucket] = counts
-        return counts
+    def claim(self, base: str, explicit: bool) -> str:
+        """This limit's name in this request: ``base``, or ``base#2`` if another took it first.
+
+        Limits run in the order the app's code gives them (middleware outside in, then FastAPI's
+        dependencies in order), so the same limit gets the same name on every server. A name
+        given with ``name=`` is never changed: sharing it is the point.
+        """
+        return claim(self.claims, base, explicit)
+
+    async def give_back(self) -> None:
+        """A limit refused: return what the earlier ones took for this request."""
+        taken, self.taken = self.taken, []
+        for store, client, buckets, cost in taken:
+            # A failing store: its fallback decided, or the token is lost; never a 500.
+            with contextlib.suppress(StoreError):
+                await store.give_back(client, buckets, cost)
+
+
+def claim(claims: list[str], base: str, explicit: bool) -> str:
+    """``base``, or ``base#2`` (``#3``...) if an earlier limit in ``claims`` has it; recorded."""
+    if not explicit and base in claims:
+        n = 2
+        while f"{base}#{n}" in claims:
+            n += 1
+        base = f"{base}#{n}"
+    claims.append(base)
+    return base
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a limit answered for one request or one `Limiter.hit`."""
+
+    allowed: bool
+    decisions: tuple[tuple[str, Decision], ...]  # (bucket name, decision), one per rule
+    shadowed: bool = False  # refused, but let through by mode="shadow"
 
     @property
-    def needs_request(self) -> bool:
-        return self.identifier is not None or self.skip is not None or callable(self.cost)
+    def retry_after(self) -> float:
+        """Seconds until every rule that refused would pass (0 when allowed)."""
+        return max((d.retry_after for _, d in self.decisions if not d.allowed), default=0.0)
 
-    async def should_skip(self, request: Request) -> bool:
-        if self.skip is None:
-            return False
-        try:
-            result = self.skip(request)
-            if inspect.isawaitable(result):
-                result = await result
-        except Exception as exc:
-            exc.add_note(f"raised by the rateguard skip callable {_name_of(self.skip)}")
-            raise
-        return bool(result)
-
-    async def client_id(self, scope: Any, request: Request | None) -> str:
-        """The encoded store key part for this request's client."""
-        if self.identifier is not None and request is not None:
-            try:
-                ident = self.identifier(request)
-                if inspect.isawaitable(ident):
-                    ident = await ident
-                if ident is not None and not isinstance(ident, str):
-                    ident = str(ident)  # an int user id, a UUID: its text is the identity
-            except Exception as exc:
-                exc.add_note(f"raised by the rateguard identifier callable {_name_of(self.identifier)}")
-                raise
-            if ident:
-                # A user identity never collides with an address: it gets its own namespace.
-                return "id:" + encode_identifier(ident)
-        return encode_identifier(self.client_address(scope))
-
-    async def cost_of(self, request: Request | None) -> int:
-        cost = self.cost
-        if isinstance(cost, int):
-            return cost
-        assert request is not None  # needs_request is true whenever cost is callable
-        try:
-            value = cost(request)
-            if inspect.isawaitable(value):
-                value = await value
-        except Exception as exc:
-            exc.add_note(f"raised by the rateguard cost callable {_name_of(cost)}")
-            raise
-        return self.rule.check_cost(value, f"the value of cost callable {_name_of(cost)}")
+    @property
+    def remaining(self) -> int:
+        """Whole requests left before the tightest rule refuses."""
+        return min((d.remaining for _, d in self.decisions), default=0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Headers
+class Plan:
+    """The buckets one limit decides for one name and one set of rules, with their headers."""
+
+    __slots__ = ("buckets", "counts", "headers", "names", "single")
+
+    def __init__(
+        self,
+        base: str,
+        rules: tuple[Rule, ...],
+        registry: AppLimits | None,
+        owner: Any,
+        store: Store,
+        applies_to: str,
+    ) -> None:
+        if len(rules) == 1:
+            names: tuple[str, ...] = (base,)
+        else:
+            names = tuple(f"{base}:{period_label(rule.window)}" for rule in rules)
+        self.names = names
+        self.buckets = tuple(zip(names, rules, strict=True))
+        self.headers = tuple(PolicyHeader(name, rule) for name, rule in self.buckets)
+        rule_of = (lambda r: None) if owner.rate_fn is not None else (lambda r: r)
+        if registry is None:
+            self.counts = tuple([0, 0, 0, 0] for _ in names)
+        else:
+            self.counts = tuple(
+                registry.register(name, rule_of(rule), store, owner, applies_to)
+                for name, rule in self.buckets
+            )
+        self.single = self.buckets[0] if len(rules) == 1 else None
 
 
-def _sf_string(text: str) -> str:
-    """A Structured Field string (RFC 9651): printable ASCII, quotes and backslashes escaped."""
-    cleaned = "".join(c if " " <= c <= "~" else "?" for c in text)
-    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+class Planner:
+    """The plans of one limit, per app registry, name and rules (a bounded cache)."""
+
+    __slots__ = ("_plans",)
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[int, str, tuple[Rule, ...], int, str], tuple[Plan, AppLimits | None]] = {}
+
+    def plan(
+        self,
+        policy: Policy,
+        store: Store,
+        registry: AppLimits | None,
+        base: str,
+        rules: tuple[Rule, ...],
+        applies_to: str,
+    ) -> Plan:
+        key = (id(registry), base, rules, id(store), applies_to)
+        found = self._plans.get(key)
+        if found is not None and found[1] is registry:
+            return found[0]
+        plan = Plan(base, rules, registry, policy, store, applies_to)
+        if len(self._plans) >= 4096:  # route templates and plans are few; raw paths are not
+            self._plans.clear()
+        self._plans[key] = (plan, registry)
+        return plan
+
+
+class ShadowLog:
+    """Logs the would-be refusals of a limit in shadow mode: at most once a minute, with a count."""
+
+    __slots__ = ("_count", "_next")
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._next = 0.0
+
+    def add(self, bucket: str) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now >= self._next:
+            logger.warning(
+                "rateguard: limit %r in shadow mode would have refused %d request(s) since it last said so",
+                bucket,
+                self._count,
+            )
+            self._count = 0
+            self._next = now + 60.0
 
 
 def count(counts: list[int], decision: Decision) -> None:
     if decision.degraded:
-        counts[2] += 1
+        counts[DEGRADED] += 1
     elif decision.allowed:
-        counts[0] += 1
+        counts[ALLOWED] += 1
     else:
-        counts[1] += 1
+        counts[LIMITED] += 1
 
 
-class PolicyHeader:
-    """The parts of a policy's headers that never change, rendered once as bytes."""
+async def decide(
+    policy: Policy,
+    planner: Planner,
+    shadow: ShadowLog,
+    store: Store,
+    base: str,
+    applies_to: str,
+    scope: Any,
+    conn: HTTPConnection | None,
+    limits: RequestLimits,
+) -> Verdict | None:
+    """One limit's decision for one request; None when it did not apply (off, skipped).
 
-    __slots__ = ("item", "limit", "limit_field", "name", "policy_field", "ratelimit_format", "sf_name")
-
-    def __init__(self, name: str, rule: Rule) -> None:
-        self.name = name
-        sf = _sf_string(name)
-        self.sf_name = sf.encode("latin-1")
-        self.item = f"{sf};q={rule.burst};w={rule.window}".encode("latin-1")
-        self.limit = str(rule.burst).encode()
-        # Whole header fields for the one-policy case, which every response of a plain app takes.
-        self.policy_field = (b"ratelimit-policy", self.item)
-        self.limit_field = (b"x-ratelimit-limit", self.limit)
-        self.ratelimit_format = self.sf_name.replace(b"%", b"%%") + b";r=%d;t=%d"
-
-
-def _ceil(seconds: float) -> int:
-    """Whole seconds, rounded up (a float error of 1e-9 past a whole second doesn't count)."""
-    whole = math.ceil(seconds - 1e-9)
-    return whole if whole > 0 else 0
-
-
-def _next_token_seconds(d: Decision) -> int:
-    """`Decision.next_token_after` rounded up: the ``t`` of the ``RateLimit`` field."""
-    if not d.allowed:
-        return _ceil(d.retry_after)
-    rate = d.rate
-    if d.reset_after <= EPSILON or rate <= 0:
-        return 0
-    # capacity is whole, so the fraction of a token missing is the fraction of reset_after
-    missing = d.reset_after * rate
-    frac = missing - math.floor(missing)
-    whole = math.ceil((frac if frac > EPSILON else 1.0) / rate - 1e-9)
-    return whole if whole > 0 else 0
-
-
-class Applied:
-    """A decision together with the policy it was made under."""
-
-    __slots__ = ("decision", "policy")
-
-    def __init__(self, policy: PolicyHeader, decision: Decision) -> None:
-        self.policy = policy
-        self.decision = decision
-
-    @property
-    def name(self) -> str:
-        return self.policy.name
-
-
-def _ratelimit_item(a: Applied) -> bytes:
-    d = a.decision
-    return a.policy.ratelimit_format % (d.remaining, _next_token_seconds(d))
-
-
-_IETF_FIELDS = (b"ratelimit-policy", b"ratelimit")
-_X_FIELDS = (b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset")
-
-
-def render_headers(applied: list[Applied], fields: Headers = True) -> list[tuple[bytes, bytes]]:
-    """`render_headers_all`, less the fields the ``headers`` option leaves out."""
-    headers = render_headers_all(applied)
-    if fields is True:
-        return headers
-    dropped = _IETF_FIELDS + _X_FIELDS if fields is False else _X_FIELDS if fields == "ietf" else _IETF_FIELDS
-    return [(name, value) for name, value in headers if name not in dropped]
-
-
-def render_headers_all(applied: list[Applied]) -> list[tuple[bytes, bytes]]:
-    """The rate-limit headers for every limit that applied to one request.
-
-    ``RateLimit-Policy``/``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10) list each policy;
-    the ``X-RateLimit-*`` trio describes the most restrictive one; ``Retry-After`` only on denial.
+    Raises `StoreError` when the store can't decide and its policy refuses (answered with 503);
+    what earlier limits took is given back first.
     """
-    if len(applied) == 1:  # the common case, kept cheap: it runs on every response
-        only = applied[0]
-        d = only.decision
-        policy = only.policy
-        remaining = d.remaining
-        reset = math.ceil(d.reset_after - 1e-9)  # _ceil(), inline: reset_after is never < 0
-        headers = [
-            policy.policy_field,
-            (b"ratelimit", policy.ratelimit_format % (remaining, _next_token_seconds(d))),
-            policy.limit_field,
-            (b"x-ratelimit-remaining", b"%d" % remaining),
-            (b"x-ratelimit-reset", b"%d" % (reset if reset > 0 else 0)),
-        ]
-        if not d.allowed:
-            headers.append((b"retry-after", b"%d" % max(1, _ceil(d.retry_after))))
-        return headers
-    # Denied beats allowed; then fewest remaining; then longest wait.
-    worst = min(applied, key=lambda a: (a.decision.allowed, a.decision.remaining, -a.decision.retry_after))
-    d = worst.decision
-    headers = [
-        (b"ratelimit-policy", b", ".join([a.policy.item for a in applied])),
-        (b"ratelimit", b", ".join([_ratelimit_item(a) for a in applied])),
-        (b"x-ratelimit-limit", worst.policy.limit),
-        (b"x-ratelimit-remaining", b"%d" % d.remaining),
-        (b"x-ratelimit-reset", b"%d" % _ceil(d.reset_after)),
-    ]
-    denied = [a.decision.retry_after for a in applied if not a.decision.allowed]
-    if denied:
-        headers.append((b"retry-after", b"%d" % max(1, _ceil(max(denied)))))
-    return headers
+    if policy.mode == "off":
+        return None
+    if conn is not None and policy.skip is not None and await policy.should_skip(conn):
+        return None
+    client = await policy.client_id(scope, conn)
+    rules = await policy.rules_for(conn)
+    cost = await policy.cost_of(conn, rules)
+    registry = limits.registry
+    plan = planner.plan(policy, store, registry, base, rules, applies_to)
+    try:
+        if plan.single is not None:
+            decisions: tuple[Decision, ...] = (await store.take(client, *plan.single, cost),)
+        else:
+            decisions = await store.take_all(client, plan.buckets, cost)
+    except StoreError:
+        await limits.give_back()
+        raise
+    allowed = True
+    for counts, decision in zip(plan.counts, decisions, strict=True):
+        count(counts, decision)
+        if not decision.allowed:
+            allowed = False
+    verdict = Verdict(allowed, tuple(zip(plan.names, decisions, strict=True)))
+    if allowed:
+        limits.taken.append((store, client, plan.buckets, cost))
+        if policy.mode == "enforce":
+            limits.applied.extend(zip(plan.headers, decisions, strict=True))
+        return verdict
+    refused_by = next(name for name, d in verdict.decisions if not d.allowed)
+    if registry is not None:
+        registry.limited.add(client, refused_by)  # the rare path: feeds the dashboard's top-k
+    if policy.mode == "shadow":
+        for counts, decision in zip(plan.counts, decisions, strict=True):
+            if not decision.allowed:
+                counts[SHADOW] += 1
+        shadow.add(refused_by)
+        return Verdict(True, verdict.decisions, shadowed=True)
+    limits.applied.extend(zip(plan.headers, decisions, strict=True))
+    limits.refusal = verdict
+    limits.message = policy.message
+    await limits.give_back()
+    return verdict
 
 
-def retry_after_seconds(applied: list[Applied]) -> int:
-    return max(
-        1,
-        _ceil(max((a.decision.retry_after for a in applied if not a.decision.allowed), default=1)),
-    )
+class Limiter:
+    """A limit to call yourself, outside HTTP: ``await Limiter("10/minute").hit("user-42")``.
+
+    Takes the rates and options of `limit()` (``store``, ``name``, ``capacity``, ``cost``,
+    ``mode``); the identifier is encoded as an ``identifier=`` callable's value would be, so the
+    admin API finds and resets it the same way (``kind=identifier``). Without ``store=`` it uses
+    a `MemoryStore` of its own. Its buckets are named ``name`` (default ``"limiter"``).
+    """
+
+    def __init__(self, *rates: float | str | Rule, **options: Unpack[LimitOptions]) -> None:
+        self.policy = Policy("Limiter", rates, options)
+        if self.policy.rate_fn is not None:
+            raise TypeError("Limiter takes fixed rates; call it with the rate you want for each hit instead")
+        self.name = self.policy.name or "limiter"
+        self.store: Store = self.policy.store if self.policy.store is not None else MemoryStore()
+        self._planner = Planner()
+        self._shadow = ShadowLog()
+
+    def __repr__(self) -> str:
+        return f"Limiter({self.policy.describe()!r}, name={self.name!r}, store={self.store!r})"
+
+    async def hit(self, identifier: str, cost: int | None = None) -> Verdict:
+        """Take ``cost`` tokens for ``identifier`` (any text) from every rule, all or nothing."""
+        policy = self.policy
+        if policy.mode == "off":
+            return Verdict(True, ())
+        rules = policy.rules
+        spend = policy.cost if cost is None else cost
+        if not isinstance(spend, int):
+            raise TypeError("Limiter.hit takes cost as an int (a cost callable needs a request)")
+        for rule in rules:
+            rule.check_cost(spend)
+        plan = self._planner.plan(policy, self.store, None, self.name, rules, "Limiter.hit")
+        client = "id:" + encode_identifier(str(identifier))
+        decisions = await self.store.take_all(client, plan.buckets, spend)
+        verdict = Verdict(all(d.allowed for d in decisions), tuple(zip(plan.names, decisions, strict=True)))
+        if not verdict.allowed and policy.mode == "shadow":
+            self._shadow.add(plan.names[0])
+            return Verdict(True, verdict.decisions, shadowed=True)
+        return verdict
+
+    async def reset(self, identifier: str) -> list[str]:
+        """Forget this identifier's buckets (of every limit on this store)."""
+        return await self.store.reset("id:" + encode_identifier(str(identifier)))
 
 
-UNAVAILABLE_MESSAGE = "The rate limiter's store is unavailable, please try again shortly."
-
-
-def unavailable_seconds(exc: StoreError) -> int:
-    return max(1, _ceil(getattr(exc, "retry_after", 1.0)))
-
-
-def error_body(message: str, retry_after: int, error: str = "Too Many Requests") -> bytes:
-    return json.dumps(
-        {"error": error, "message": message, "retry_after": retry_after},
-        ensure_ascii=False,
-        separators=(",", ":"),
-    ).encode("utf-8")
-
-
-class RequestLimits:
-    """Per-request record, kept in ``scope["rateguard"]`` by the outermost `RateGuard`."""
-
-    __slots__ = ("applied", "fields", "store")
-
-    def __init__(self, store: Store, fields: Headers = True) -> None:
-        self.store = store
-        self.fields = fields  # the headers option of whoever renders the headers
-        self.applied: list[Applied] = []
+__all__ = ["SCOPE_KEY", "Limiter", "Planner", "RequestLimits", "Verdict", "decide"]

@@ -12,7 +12,8 @@ store label (``memory``, ``redis``): never a client, so the number of series is 
 app's configuration, not by its traffic.
 
     rateguard_decisions_total{rule,outcome}      outcome: allowed, limited, degraded (decided by
-                                                 the fallback while Redis was unreachable)
+                                                 the fallback while Redis was unreachable),
+                                                 shadow_limited (would have been refused; shadow mode)
     rateguard_store_latency_seconds{store}       histogram of Redis round trips (decision batches)
     rateguard_store_errors_total{store}          failed Redis round trips
     rateguard_circuit_open{store}                1 while Redis is skipped after failures, else 0
@@ -40,7 +41,7 @@ from rateguard.admin import decision_counts, discover_rules, labelled_stores
 from rateguard.errors import ConfigurationError
 from rateguard.stores import Store
 
-_OUTCOMES = ("allowed", "limited", "degraded")
+_OUTCOMES = ("allowed", "limited", "degraded", "shadow_limited")
 
 
 class RateGuardCollector(Collector):

@@ -1,173 +1,299 @@
-"""RateGuard: a pure ASGI middleware that applies one token bucket to every HTTP request."""
+"""RateGuard: a pure ASGI middleware that limits every HTTP request of an app.
+
+It also owns the edges of the app's life: at ``lifespan.startup`` it checks its store and the
+deployment (one warning each), at ``lifespan.shutdown`` it closes the stores the app's limits
+use. On websocket routes it does not limit, but it answers the handshake a `limit()` refused with
+HTTP 429 (or, where the server can't, accept-and-close 1008).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import asyncio
+import logging
+from collections.abc import Callable
 from functools import partial
+from typing import Any, Literal, Unpack, cast
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rateguard.bucket import Decision
-from rateguard.errors import StoreError
-from rateguard.identity import encode_identifier
-from rateguard.limiter import (
-    DEFAULT_MESSAGE,
-    SCOPE_KEY,
+from rateguard.checks import is_preflight, rewritten_by_server, warn_once, worker_processes
+from rateguard.errors import ConfigurationError, StoreError
+from rateguard.headers import (
     UNAVAILABLE_MESSAGE,
     Applied,
-    Cost,
-    Headers,
-    Identifier,
-    Policy,
-    PolicyHeader,
-    Predicate,
-    RequestLimits,
-    count,
     error_body,
-    render_headers,
-    render_headers_all,
+    render,
+    render_all,
     retry_after_seconds,
     unavailable_seconds,
 )
+from rateguard.identity import encode_identifier
+from rateguard.limiter import SCOPE_KEY, Planner, RequestLimits, ShadowLog, decide
+from rateguard.policy import OPTION_NAMES, CommonOptions, LimitOptions, Policy, check_option_names
+from rateguard.registry import ALLOWED, LIMITED, AppLimits
 from rateguard.stores import Store
 from rateguard.stores.memory import MemoryStore
-from rateguard.topk import LIMITED
+
+logger = logging.getLogger("rateguard")
 
 # Peer addresses whose keys are remembered; past this many the memory starts over.
 _KEY_CACHE_SIZE = 4096
+# Requests on which the server's own X-Forwarded-For rewriting is looked for (then never again).
+_PROXY_CHECKS = 256
+_LIFESPAN_KEY = "rateguard.lifespan"  # set by the outermost RateGuard's lifespan
+
+StoreCheck = Literal["warn", "fail", "off"]
+_STORE_CHECKS = ("warn", "fail", "off")
+_RATE_LIMIT_FIELDS = frozenset(
+    (
+        b"ratelimit",
+        b"ratelimit-policy",
+        b"x-ratelimit-limit",
+        b"x-ratelimit-remaining",
+        b"x-ratelimit-reset",
+        b"retry-after",
+    )
+)
+
+
+class GuardOptions(CommonOptions, total=False):
+    store_check: StoreCheck
+
+
+_UNSET: Any = object()
 
 
 class RateGuard:
     """Limit every HTTP request of an app: ``app.add_middleware(RateGuard, requests_per_minute=100)``.
 
     :param requests_per_minute: refill rate in tokens per minute (a float > 0; 0.5 = one per 2 min).
-    :param capacity: bucket size, the largest burst; defaults to ``requests_per_minute``.
-    :param store: ``MemoryStore()`` (default, one process) or ``RedisStore(...)`` (shared). Routes
-        limited with ``limit()`` and no ``store=`` use this store too.
-    :param identifier: ``request -> str`` (sync or async); ``None``/``""`` falls back to the client IP.
-    :param skip: ``request -> bool`` (sync or async); True means not limited and no token taken.
-    :param message: the text of the 429 body.
-    :param cost: tokens one request takes: an int, or ``request -> int``.
-    :param name: the policy name in the ``RateLimit`` headers and the bucket name (``"global"``).
-    :param trusted_proxies: CIDRs of proxies whose ``X-Forwarded-For``/``Forwarded`` is believed.
-    :param ipv6_prefix: IPv6 clients are grouped by this prefix length (64).
-    :param proxy_header: the header trusted proxies set: ``"x-forwarded-for"`` (default) or ``"forwarded"``.
-    :param headers: the rate-limit fields responses carry: ``True`` (``RateLimit``,
-        ``RateLimit-Policy`` and ``X-RateLimit-*``), ``"ietf"``, ``"x-ratelimit"``, or ``False``
-        (none; a 429 still has ``Retry-After``). Each field costs uvicorn about 1% of a trivial
-        request, so ``False`` is the cheapest.
+        Or ``rate="100/minute; 10000/day"`` (several rules, all must pass), or ``rate=callable``
+        (per request: plans per client). See the README for every option; they are the same as
+        `limit()`'s, plus ``store_check``.
+    :param store_check: at start-up, ``"warn"`` (default: one warning if the store can't be
+        reached, the app still starts), ``"fail"`` (start-up fails with the reason, so the server
+        exits) or ``"off"``.
 
     Pure ASGI rather than ``BaseHTTPMiddleware``: streaming, background tasks and context
     variables pass through untouched, and it costs a fraction of the per-request overhead.
     """
 
     def __init__(
-        self,
-        app: ASGIApp,
-        requests_per_minute: float = 60,
-        *,
-        capacity: int | None = None,
-        store: Store | None = None,
-        identifier: Identifier | None = None,
-        skip: Predicate | None = None,
-        message: str = DEFAULT_MESSAGE,
-        cost: Cost = 1,
-        name: str = "global",
-        trusted_proxies: Iterable[str] | None = None,
-        ipv6_prefix: int = 64,
-        proxy_header: str = "x-forwarded-for",
-        headers: Headers = True,
+        self, app: ASGIApp, requests_per_minute: Any = _UNSET, **options: Unpack[GuardOptions]
     ) -> None:
         self.app = app
-        self.policy = Policy(
-            requests_per_minute=requests_per_minute,
-            capacity=capacity,
-            store=store,
-            identifier=identifier,
-            skip=skip,
-            message=message,
-            cost=cost,
-            name=name,
-            trusted_proxies=trusted_proxies,
-            ipv6_prefix=ipv6_prefix,
-            proxy_header=proxy_header,
-            headers=headers,
-        )
-        self.store: Store = store if store is not None else MemoryStore()
-        self.name = name
-        self._header = PolicyHeader(name, self.policy.rule)
-        self._fields = self.policy.headers
+        store_check = options.pop("store_check", "warn")
+        if store_check not in _STORE_CHECKS:
+            raise ConfigurationError(
+                f"store_check must be 'warn' (log if the store can't be reached at start-up), 'fail' "
+                f"(fail the start-up) or 'off', got {store_check!r}"
+            )
+        check_option_names("RateGuard", options, OPTION_NAMES | {"store_check"})
+        positional: tuple[Any, ...] = ()
+        settings: dict[str, Any] = dict(options)
+        if isinstance(requests_per_minute, str | list | tuple):
+            positional = (requests_per_minute,)  # RateGuard(app, "100/minute; 10000/day")
+        elif requests_per_minute is not _UNSET:
+            settings["requests_per_minute"] = requests_per_minute
+        self.policy = policy = Policy("RateGuard", positional, cast(LimitOptions, settings))
+        self.store_check: StoreCheck = store_check
+        self.store: Store = policy.store if policy.store is not None else MemoryStore()
+        self.name = policy.name or "global"
+        self._explicit = policy.name is not None
+        self._fields = policy.headers
         self._render: Callable[[list[Applied]], list[tuple[bytes, bytes]]] = (
-            render_headers_all if self._fields is True else partial(render_headers, fields=self._fields)
+            render_all if self._fields is True else partial(render, fields=self._fields)
         )
-        self._plain = not self.policy.needs_request
-        self._counts = self.policy.counter(name)
-        self._cost = self.policy.cost if isinstance(self.policy.cost, int) else 1
+        self._planner = Planner()
+        self._shadow = ShadowLog()
+        self._app: Any = None  # the Starlette app of the last request, and its registry
+        self._registry: AppLimits | None = None
+        self._plain: bool | None = None  # decided on the first request: the mode is known then
+        self._single: Any = None  # the plain path's (bucket, rule), header, counts
+        self._cost = policy.cost if isinstance(policy.cost, int) else 1
         # MemoryStore decides without awaiting; calling it directly saves a coroutine per request.
         self._take_now = self.store.take_now if type(self.store) is MemoryStore else None
         # Peer address -> key. Only when no proxy is trusted: the key then depends on the peer
         # address alone, and encoding it (a regex, perhaps IPv6 grouping) is most of its cost.
-        self._keys: dict[str, str] | None = None if self.policy.client_address.trusted else {}
+        self._keys: dict[str, str] | None = None if policy.client_address.trusted else {}
+        self._proxy_checks = _PROXY_CHECKS if not policy.client_address.trusted else 0
+        self._default_handlers: tuple[Any, bool] | None = None
+
+    def __repr__(self) -> str:
+        return f"RateGuard({self.policy.describe()!r}, name={self.name!r}, store={self.store!r})"
+
+    def _registry_of(self, scope: Scope, outermost: bool = True) -> AppLimits | None:
+        app = scope.get("app")
+        if app is not self._app or self._registry is None:
+            self._app = app
+            registry = self._registry = AppLimits.of(scope)
+            if registry is not None:
+                self._register(app, registry, outermost)
+        return self._registry
+
+    def _register(self, app: Any, registry: AppLimits, outermost: bool) -> None:
+        """Put this RateGuard's rule, and (outermost) the app's declared limits, in the registry."""
+        registry.use_store(self.store)
+        if self.policy.rules and (outermost or self._explicit):  # an inner one's name is per request
+            self._planner.plan(
+                self.policy, self.store, registry, self.name, self.policy.rules, "every request"
+            )
+        if outermost and hasattr(app, "routes"):
+            from rateguard.dependencies import register_declared  # FastAPI's part, loaded if used
+
+            register_declared(app, registry, self.store)
+
+    # -- HTTP -------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "websocket":
+                await self._websocket(scope, receive, send)
+            elif kind == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
 
         limits: RequestLimits | None = scope.get(SCOPE_KEY)
         outermost = limits is None
         if limits is None:
-            limits = scope[SCOPE_KEY] = RequestLimits(self.store, self._fields)
+            limits = scope[SCOPE_KEY] = RequestLimits(
+                self.store, self._registry_of(scope), self._fields, True
+            )
+            limits.root_path = scope.get("root_path", "")
+            limits.claims.append(self.name)
+            base = self.name
+        else:
+            base = self._inner_name(scope, limits)
+        if self._proxy_checks:
+            self._check_request(scope)
+        if scope["method"] == "OPTIONS" and is_preflight(scope):
+            send = self._watch_preflight(send)
 
-        policy = self.policy
-        decision: Decision | None = None
+        if self._plain is None:
+            self._plain = (
+                not self.policy.needs_connection
+                and self.policy.mode == "enforce"
+                and len(self.policy.rules) == 1
+            )
         try:
-            if self._plain:
-                # No user callables: no Request object, no awaits but the store's.
-                try:
-                    client = self._keys[scope["client"][0]]  # type: ignore[index]
-                except (KeyError, TypeError, IndexError):  # not seen yet, or no peer, or no cache
-                    client = self._client_key(scope)
-                if self._take_now is not None:
-                    decision = self._take_now(client, self.name, policy.rule, self._cost)
-                else:
-                    decision = await self.store.take(client, self.name, policy.rule, self._cost)
+            if self._plain and outermost:
+                # No user callables, one rule, the first limit of the request: no Request object,
+                # no awaits but the store's.
+                decision = await self._take_plain(scope, limits)
+                if not decision.allowed:
+                    await self._reject(limits, outermost, send)
+                    return
             else:
-                request = Request(scope, receive)
-                if not await policy.should_skip(request):
-                    client = await policy.client_id(scope, request)
-                    cost = await policy.cost_of(request)
-                    decision = await self.store.take(client, self.name, policy.rule, cost)
+                conn = Request(scope, receive) if self.policy.needs_connection else None
+                verdict = await decide(
+                    self.policy,
+                    self._planner,
+                    self._shadow,
+                    self.store,
+                    base,
+                    "every request",
+                    scope,
+                    conn,
+                    limits,
+                )
+                if verdict is not None and not verdict.allowed:
+                    await self._reject(limits, outermost, send)
+                    return
         except StoreError as exc:
             # The store is down and its policy refuses (RedisStore(on_error="deny")), or a custom
             # store failed: answer 503, never a 500.
             await self._unavailable(exc, send)
             return
-        if decision is not None:
-            count(self._counts, decision)
-            limits.applied.append(Applied(self._header, decision))
-            if not decision.allowed:
-                LIMITED.add(client, self.name)  # the rare path: feeds the dashboard's top-k
-                # The outermost RateGuard adds the headers: its send wrapper or, here, its own.
-                # One that sends none has no wrapper, so then the 429 carries its Retry-After.
-                await self._reject(limits, outermost or limits.fields is False, send)
-                return
 
-        if not outermost or self._fields is False:
-            # The outermost RateGuard renders the headers, unless told to send none.
+        if not outermost:  # the outermost RateGuard renders the headers
             await self.app(scope, receive, send)
             return
 
         applied = limits.applied
-        render = self._render
+        render_fields = self._render if self._fields is not False else None
+        replacing = False
 
         async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start" and applied:
-                message["headers"] = [*message.get("headers", ()), *render(applied)]
+            nonlocal replacing
+            if message["type"] == "http.response.start":
+                if limits.refusal is not None:  # a limit() refused
+                    if message["status"] == 429 and self._renders_refusals(scope):
+                        replacing = True  # FastAPI's default {"detail"} body: send RateGuard's own
+                        await self._reject(limits, True, send, limits.message)
+                        return
+                    # Its exception carried the fields too: send them once.
+                    message["headers"] = [
+                        h for h in message.get("headers", ()) if h[0].lower() not in _RATE_LIMIT_FIELDS
+                    ]
+                    if render_fields is None:
+                        message["headers"] += render(applied, False)
+                if render_fields is not None and applied:
+                    message["headers"] = [*message.get("headers", ()), *render_fields(applied)]
+            elif replacing:
+                return  # the body of the response replaced
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _renders_refusals(self, scope: Scope) -> bool:
+        """Whether a limit()'s 429 would get FastAPI's default body: the app has no handler of its own.
+
+        Then RateGuard sends its own 429 instead, so every refusal looks the same. An app's own
+        handler for RateLimitExceeded, HTTPException or 429 is always left to answer.
+        """
+        app = scope.get("app")
+        known = self._default_handlers
+        if known is not None and known[0] is app:
+            return known[1]
+        handlers = getattr(app, "exception_handlers", None)
+        plain = isinstance(handlers, dict) and _only_default_handlers(handlers)
+        self._default_handlers = (app, plain)
+        return plain
+
+    async def _take_plain(self, scope: Scope, limits: RequestLimits) -> Decision:
+        single = self._single
+        if single is None or limits.registry is not self._registry:
+            plan = self._planner.plan(
+                self.policy, self.store, limits.registry, self.name, self.policy.rules, "every request"
+            )
+            single = self._single = (plan.single, plan.headers[0], plan.counts[0], plan.buckets)
+        bucket_rule, header, counts, buckets = single
+        try:
+            client = self._keys[scope["client"][0]]  # type: ignore[index]
+        except (KeyError, TypeError, IndexError):  # not seen yet, or no peer, or no cache
+            client = self._client_key(scope)
+        if self._take_now is not None:
+            decision = self._take_now(client, bucket_rule[0], bucket_rule[1], self._cost)
+        else:
+            decision = await self.store.take(client, bucket_rule[0], bucket_rule[1], self._cost)
+        if decision.degraded:
+            counts[2] += 1
+        elif decision.allowed:
+            counts[ALLOWED] += 1
+        else:
+            counts[LIMITED] += 1
+        limits.applied.append((header, decision))
+        if decision.allowed:
+            limits.taken.append((self.store, client, buckets, self._cost))
+        else:
+            registry = limits.registry
+            if registry is not None:
+                registry.limited.add(client, self.name)  # the rare path: feeds the dashboard's top-k
+        return decision
+
+    def _inner_name(self, scope: Scope, limits: RequestLimits) -> str:
+        """This RateGuard's name behind another limit: ``global /v2`` inside a mount at /v2."""
+        base = self.name
+        if not self._explicit:
+            root = scope.get("root_path", "")
+            if root != limits.root_path and root.startswith(limits.root_path):
+                base = f"{base} {root[len(limits.root_path) :]}"
+        return limits.claim(base, self._explicit)
 
     def _client_key(self, scope: Scope) -> str:
         """The store key of the client: its address, encoded; remembered per peer address."""
@@ -185,6 +311,39 @@ class RateGuard:
                 return key
         return encode_identifier(self.policy.client_address(scope))
 
+    def _check_request(self, scope: Scope) -> None:
+        self._proxy_checks -= 1
+        if rewritten_by_server(scope):
+            self._proxy_checks = 0
+            warn_once(
+                self.policy.validate,
+                "proxy-headers",
+                "the server set this request's client address from X-Forwarded-For (uvicorn does for "
+                "peers in --forwarded-allow-ips, 127.0.0.1 by default; gunicorn likewise), so whoever can "
+                "reach the server from a trusted address chooses the identity the limit counts; if a proxy "
+                "on this host sets X-Forwarded-For, that is right; otherwise run uvicorn with "
+                "--no-proxy-headers, and to read the header yourself give RateGuard trusted_proxies=[...] "
+                "(your proxies' addresses), which reads it only from those peers",
+            )
+
+    def _watch_preflight(self, send: Send) -> Send:
+        """A CORS preflight reached RateGuard: if CORSMiddleware answers it inside, the order is wrong."""
+
+        async def watching_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and any(
+                name.lower() == b"access-control-allow-origin" for name, _ in message.get("headers", ())
+            ):
+                warn_once(
+                    self.policy.validate,
+                    "cors-order",
+                    "RateGuard runs before CORSMiddleware (it was added after it), so CORS preflights spend "
+                    "tokens and a 429 has no Access-Control-Allow-Origin: browsers can't read its "
+                    "Retry-After; add RateGuard first, then CORSMiddleware (the last added runs first)",
+                )
+            await send(message)
+
+        return watching_send
+
     async def _unavailable(self, exc: StoreError, send: Send) -> None:
         retry_after = unavailable_seconds(exc)
         body = error_body(UNAVAILABLE_MESSAGE, retry_after, "Service Unavailable")
@@ -194,21 +353,143 @@ class RateGuard:
                 "status": 503,
                 "headers": [
                     (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", str(retry_after).encode()),
+                    (b"content-length", b"%d" % len(body)),
+                    (b"retry-after", b"%d" % retry_after),
                 ],
             }
         )
         await send({"type": "http.response.body", "body": body})
 
-    async def _reject(self, limits: RequestLimits, with_headers: bool, send: Send) -> None:
+    async def _reject(
+        self, limits: RequestLimits, outermost: bool, send: Send, message: str | None = None
+    ) -> None:
         applied = limits.applied
-        body = error_body(self.policy.message, retry_after_seconds(applied))
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        if with_headers:
-            headers += render_headers(applied, limits.fields)
+        body = error_body(self.policy.message if message is None else message, retry_after_seconds(applied))
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        # The outermost RateGuard adds the headers: its send wrapper or, here, its own. One that
+        # sends none has no wrapper, so then the 429 carries its Retry-After from here.
+        if outermost or limits.fields is False:
+            headers += render(applied, limits.fields)
         await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    # -- websockets --------------------------------------------------------------------------------
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Not limited here; a handshake a `limit()` refused is answered with 429."""
+        if SCOPE_KEY in scope:
+            await self.app(scope, receive, send)
+            return
+        limits = scope[SCOPE_KEY] = RequestLimits(self.store, self._registry_of(scope), self._fields, True)
+        limits.root_path = scope.get("root_path", "")
+        accepted = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal accepted
+            kind = message["type"]
+            if kind == "websocket.accept":
+                accepted = True
+            elif kind == "websocket.close" and not accepted and limits.refusal is not None:
+                await deny_websocket(scope, send, limits, self.policy.message)
+                return
+            await send(message)
+
+        await self.app(scope, receive, guarded_send)
+
+    # -- lifespan ----------------------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outermost = _LIFESPAN_KEY not in scope
+        scope[_LIFESPAN_KEY] = True
+        self._registry = None  # a new lifespan: register afresh (the app may have new routes)
+        registry = self._registry_of(scope, outermost)
+
+        async def lifespan_send(message: Message) -> None:
+            kind = message["type"]
+            if kind == "lifespan.startup.complete":
+                failure = await self._startup_checks()
+                if failure is not None:
+                    message = {"type": "lifespan.startup.failed", "message": failure}
+            elif kind == "lifespan.shutdown.complete":
+                await close_stores(registry.stores if registry is not None else [self.store])
+            await send(message)
+
+        await self.app(scope, receive, lifespan_send)
+
+    async def _startup_checks(self) -> str | None:
+        """Check the store and the deployment; the reason start-up must fail, if it must."""
+        if isinstance(self.store, MemoryStore):
+            workers = worker_processes()
+            if workers > 1:
+                warn_once(
+                    self.policy.validate,
+                    "workers",
+                    f"RateGuard uses a MemoryStore in a server running {workers} worker processes: each "
+                    f"has its own buckets, so a client gets up to {workers} times the limit; use "
+                    "RedisStore(url=...) to share one limit, or run one worker",
+                )
+        if self.store_check == "off":
+            return None
+        try:
+            async with asyncio.timeout(5):
+                await self.store.ping()
+        except (StoreError, TimeoutError) as exc:
+            reason = str(exc) or "the store did not answer within 5 s"
+            if self.store_check == "fail":
+                return f"rateguard: the store can't be reached: {reason} (store_check='fail')"
+            logger.warning("rateguard: the store can't be reached at start-up: %s; starting anyway", reason)
+        return None
+
+
+def _only_default_handlers(handlers: dict[Any, Any]) -> bool:
+    from starlette.exceptions import HTTPException
+
+    from rateguard.dependencies import RateLimitExceeded
+
+    if 429 in handlers or RateLimitExceeded in handlers:
+        return False
+    handler = handlers.get(HTTPException)
+    if handler is None:
+        return True
+    try:
+        from fastapi.exception_handlers import http_exception_handler
+    except ImportError:
+        return False
+    return bool(handler is http_exception_handler)
+
+
+async def deny_websocket(scope: Scope, send: Send, limits: RequestLimits, message: str) -> None:
+    """Answer a refused handshake: HTTP 429 where the server can, else accept and close 1008."""
+    retry_after = retry_after_seconds(limits.applied)
+    headers = render(limits.applied, limits.fields)
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = error_body(message, retry_after)
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": 429,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(body)),
+                    *headers,
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+        return
+    await send({"type": "websocket.accept"})
+    await send(
+        {"type": "websocket.close", "code": 1008, "reason": f"{message} Retry after {retry_after} s."[:120]}
+    )
+
+
+async def close_stores(stores: list[Store]) -> None:
+    """Close each store (each is quick; one failing does not keep the others open)."""
+    for store in list(stores):
+        try:
+            await store.close()
+        except Exception:  # a custom store's own bug must not fail the shutdown
+            logger.exception("rateguard: closing %r failed", store)
+
+
+__all__ = ["GuardOptions", "RateGuard", "StoreCheck"]

@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+import rateguard
 from rateguard import MemoryStore, RateGuard, RedisStore, limit
 from rateguard.dependencies import RateLimitExceeded
 from rateguard.stores import Store
@@ -35,6 +36,7 @@ def route_app(store: Store | None = None, **options: object) -> FastAPI:
 
 async def test_limit_without_middleware(store: Store) -> None:
     app = route_app(store)
+    rateguard.install(app)  # rateguard's 429 body; without it FastAPI's {"detail": ...}
     async with client_for(app) as client:
         first = await client.get("/items/1")
         codes = [(await client.get(f"/items/{i}")).status_code for i in range(2, 5)]
@@ -102,8 +104,10 @@ async def test_global_and_route_limits_together(store: Store) -> None:
         assert denied.headers.get_list("retry-after") == ["12"]
         assert denied.headers.get_list("x-ratelimit-limit") == ["5"]
         assert denied.headers.get_list("x-ratelimit-remaining") == ["0"]
-        # The denied route request still took a global token: it reached the route.
+        # The denied route request took no global token: the global limit gave it back.
         assert denied.headers["ratelimit"].startswith('"global";r=54;')
+        again = await client.get("/api/data")
+        assert again.headers["ratelimit"].startswith('"global";r=54;')
         other = await client.get("/api/data")
         assert other.status_code == 200 and other.headers["x-ratelimit-limit"] == "60"
 
@@ -124,7 +128,9 @@ async def test_limit_uses_the_middleware_store(redis_url: str) -> None:
         await store.close()
 
 
-async def test_limit_without_store_or_middleware_uses_one_process_wide_store() -> None:
+async def test_limit_without_store_or_middleware_uses_a_store_of_the_apps_own() -> None:
+    # One limit() object in two apps (a module-level limit, an app built per test): each app
+    # has its own buckets, so a fresh app never starts with another's.
     guard = limit(2)
     apps = []
     for _ in range(2):
@@ -132,9 +138,37 @@ async def test_limit_without_store_or_middleware_uses_one_process_wide_store() -
         app.get("/x", dependencies=[Depends(guard)])(lambda: {"ok": True})
         apps.append(app)
     async with client_for(apps[0], "192.0.2.99") as a, client_for(apps[1], "192.0.2.99") as b:
-        assert (await a.get("/x")).status_code == 200
-        assert (await b.get("/x")).status_code == 200
-        assert (await a.get("/x")).status_code == 429
+        assert [(await a.get("/x")).status_code for _ in range(3)] == [200, 200, 429]
+        assert [(await b.get("/x")).status_code for _ in range(3)] == [200, 200, 429]
+
+
+async def test_without_install_a_limit_429_has_fastapis_body_and_every_field() -> None:
+    app = route_app(MemoryStore())
+    async with client_for(app) as client:
+        codes = [(await client.get("/other")).status_code for _ in range(3)]
+        denied = await client.get("/other")
+    assert codes == [200] * 3
+    assert denied.status_code == 429
+    assert denied.json() == {"detail": "Too many requests, please try again later."}
+    assert denied.headers["retry-after"] == "20"
+    assert denied.headers["ratelimit-policy"] == '"GET /other";q=3;w=60'
+
+
+async def test_behind_rateguard_a_limit_429_has_rateguards_body_with_the_limits_message() -> None:
+    app = FastAPI()
+    app.add_middleware(RateGuard, requests_per_minute=60, message="global says no")
+
+    @app.get("/x", dependencies=[Depends(limit(1, message="route says no"))])
+    async def x() -> dict[str, bool]:
+        return {"ok": True}
+
+    async with client_for(app) as client:
+        assert (await client.get("/x")).status_code == 200
+        denied = await client.get("/x")
+    assert denied.status_code == 429
+    assert denied.json() == {"error": "Too Many Requests", "message": "route says no", "retry_after": 60}
+    assert denied.headers.get_list("retry-after") == ["60"]
+    assert len(denied.headers.get_list("ratelimit")) == 1
 
 
 async def test_an_apps_own_429_handler_wins() -> None:

@@ -69,11 +69,16 @@ async def test_decisions_by_rule_and_outcome(store: Store) -> None:
     assert sample(m, "rateguard_decisions_total", rule=route, outcome="allowed") == 5
     assert sample(m, "rateguard_decisions_total", rule=route, outcome="limited") == 2
     assert sample(m, "rateguard_decisions_total", rule=route, outcome="degraded") == 0
-    assert decision_counts(app) == {"global": (7, 0, 0), route: (5, 2, 0)}
+    assert decision_counts(app) == {"global": (7, 0, 0, 0), route: (5, 2, 0, 0)}
 
 
-async def test_rules_without_decisions_yet_are_zero() -> None:
-    m = scrape(small_app(MemoryStore()))
+def test_rules_without_decisions_yet_are_zero() -> None:
+    from fastapi.testclient import TestClient
+
+    app = small_app(MemoryStore())
+    with TestClient(app):  # RateGuard lists the app's declared limits at start-up
+        pass
+    m = scrape(app)
     assert sample(m, "rateguard_decisions_total", rule="GET,POST /api/expensive", outcome="allowed") == 0
 
 
@@ -220,7 +225,7 @@ async def test_live_counts_rules_stores_and_the_most_limited_clients(store: Stor
     tracker.add(CLIENT, "GET,POST /api/expensive")
 
     live = await admin_get(app, "/live")
-    assert live["decisions"] == {"allowed": 12, "limited": 2, "degraded": 0}
+    assert live["decisions"] == {"allowed": 12, "limited": 2, "degraded": 0, "shadow_limited": 0}
     assert isinstance(live["t"], float)
     rules = {r["bucket"]: r for r in live["rules"]}
     route = rules["GET,POST /api/expensive"]

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from rateguard import Decision, RedisStore, Rule, encode_identifier
-from rateguard.stores._pipeline import _Replies
+from rateguard.stores.redis.wire import Connection
 
 from .helpers import client_for
 from .test_middleware import plain_app
@@ -51,19 +51,11 @@ async def test_script_flush_mid_run_recovers(redis_store: RedisStore) -> None:
     assert sum(d.allowed for d in results) == 3
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["hiredis-reader", "redis-py-reader"])
-async def test_both_reply_readers_answer_in_order_and_recover(
-    redis_url: str, direct: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Replies are parsed by hiredis in the transport's callback when redis-py's parser is
-    # hiredis, else read through redis-py one by one by a task: both must pair every reply with
-    # its command, error replies included.
-    from rateguard.stores import _pipeline
-
+async def test_replies_answer_in_order_and_recover_from_noscript(redis_url: str) -> None:
+    # Replies are parsed by hiredis in the connection's own protocol: each must pair with its
+    # command, error replies (NOSCRIPT in the middle of a batch) included.
     from .conftest import contract_store
 
-    if not direct:
-        monkeypatch.setattr(_pipeline, "_HiredisReader", None)
     store = contract_store(redis_url)
     try:
         rules = [Rule(60, capacity=c) for c in (3, 5, 7)]
@@ -98,43 +90,45 @@ async def _next_from_redis(store: RedisStore, rule: Rule, seconds: float = 5.0) 
 RULE_1_PER_MIN = Rule(1, capacity=5)  # no refill to speak of while a test runs
 
 
+def _connection(store: RedisStore) -> Connection:
+    """The store's decision connection (white box: rateguard's own wire)."""
+    bound = store._bound
+    assert bound is not None and bound.channel is not None and bound.channel.conn is not None
+    return bound.channel.conn
+
+
 @pytest.fixture
-async def taken_once(redis_url: str) -> AsyncIterator[tuple[RedisStore, _Replies]]:
+async def taken_once(redis_url: str) -> AsyncIterator[tuple[RedisStore, Connection]]:
     """A store (on_error="local": it recovers by itself) that has decided once through Redis,
-    and the protocol its connection's transport hands replies to."""
+    and its decision connection."""
     store = RedisStore(url=redis_url, timeout=2.0, connect_timeout=2.0)
     try:
         assert (await store.take("c", "b", RULE_1_PER_MIN)).remaining == 4
-        channel = store._channels[""]
-        # With hiredis the channel takes over its transport: no reader task.
-        assert isinstance(channel._replies, _Replies) and channel._reader is None
-        yield store, channel._replies
+        yield store, _connection(store)
     finally:
         await store.close()
 
 
 async def test_out_of_step_bytes_drop_the_connection_and_a_new_one_takes_over(
-    taken_once: tuple[RedisStore, _Replies],
+    taken_once: tuple[RedisStore, Connection],
 ) -> None:
     # Bytes no command waits for mean the stream is out of step: the connection is dropped and a
     # new one made; the bucket, kept in Redis, is unharmed.
     store, first = taken_once
-    channel = store._channels[""]
     first.data_received(b"+OK\r\n")  # a reply nobody asked for
-    assert channel._replies is None and not first.active
+    assert first.closed
     decision = await _next_from_redis(store, RULE_1_PER_MIN)
     assert decision.remaining == 3  # the local fallback's decisions did not touch Redis
-    assert isinstance(channel._replies, _Replies) and channel._replies is not first
+    assert _connection(store) is not first
 
 
 async def test_a_connection_closed_by_the_server_is_noticed_without_a_reader_task(
-    taken_once: tuple[RedisStore, _Replies],
+    taken_once: tuple[RedisStore, Connection],
 ) -> None:
     store, first = taken_once
     killed = await store.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     assert killed >= 1
-    await _until(lambda: not first.active)  # the close reached the channel by itself
-    assert store._channels[""]._replies is None
+    await _until(lambda: first.closed)  # the close reached the connection by itself
     decision = await _next_from_redis(store, RULE_1_PER_MIN)
     assert decision.remaining == 3
 
@@ -225,18 +219,30 @@ async def test_host_port_form(redis_server) -> None:  # type: ignore[no-untyped-
 async def test_evalsha_packed_by_hand_is_what_hiredis_packs(redis_store: RedisStore) -> None:
     from hiredis import pack_command
 
-    from rateguard.stores._pipeline import Batcher
+    from rateguard.stores.redis.batcher import Batcher
+    from rateguard.stores.redis.wire import Settings
 
     batcher = Batcher(
         sha="a" * 40,
         script=b"",
+        settings=Settings(),
         timeout=1.0,
-        route=lambda key: None,  # type: ignore[arg-type,return-value]
+        route=lambda keys: None,  # type: ignore[arg-type,return-value]
         on_failure=lambda exc: None,
         on_success=lambda: None,
     )
-    for key in ["rateguard:{127.0.0.1}:global", "p:{%C3%BC}:x", "k:{" + "#" + "f" * 64 + "}:b"]:
-        for args in [(1.0, 1, 1), (1e9 / 60, 10**9, 3), (0.008333333333333333, 5, 5), (2.0, 5, 1, 1.5e9)]:
-            want = pack_command(("EVALSHA", "a" * 40, 1, key, *args))
-            assert batcher.pack_evalsha(key, args) == want
-            assert batcher.pack_evalsha(key, args) == want  # and again, from what it kept
+    many = ("p:{c}:a", "p:{c}:b:1d")
+    for keys in [
+        ("rateguard:{127.0.0.1}:global",),
+        ("p:{%C3%BC}:x",),
+        ("k:{" + "#" + "f" * 64 + "}:b",),
+        many,
+    ]:
+        for args in [
+            (1, "", "", 1.0, 1),
+            (3, "", "x", 1e9 / 60, 10**9),
+            (5, 1.5e9, "", 0.008333333333333333, 5),
+        ]:
+            want = pack_command(("EVALSHA", "a" * 40, len(keys), *keys, *args))
+            assert batcher.pack(keys, args) == want
+            assert batcher.pack(keys, args) == want  # and again, from what it kept

@@ -26,13 +26,15 @@ pytestmark = pytest.mark.redis
 async def scaled_store(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
     """A RedisStore on each topology, built each way the README shows."""
     kind = request.param
+    client: Any = None  # a client the test makes is the test's to close (the store never closes it)
     if kind.startswith("cluster"):
         cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
         cluster.flushall()
         if kind == "cluster-url":
             store = RedisStore(url=cluster.url, cluster=True)
         else:
-            store = RedisStore(client=RedisCluster(host="127.0.0.1", port=cluster.ports[1]))
+            client = RedisCluster(host="127.0.0.1", port=cluster.ports[1])
+            store = RedisStore(client=client)
     else:
         sentinel_set: LocalRedisSentinel = request.getfixturevalue("redis_sentinel")
         sentinel_set.flushall()
@@ -40,11 +42,14 @@ async def scaled_store(request: pytest.FixtureRequest) -> AsyncIterator[RedisSto
             store = RedisStore(sentinels=sentinel_set.sentinels, service_name="mymaster")
         else:
             sentinel = Sentinel(sentinel_set.sentinels)  # type: ignore[no-untyped-call]
-            store = RedisStore(client=sentinel.master_for("mymaster"))
+            client = sentinel.master_for("mymaster")
+            store = RedisStore(client=client)
     try:
         yield store
     finally:
         await store.close()
+        if client is not None:
+            await client.aclose()
         if kind == "sentinel-client":
             for s in sentinel.sentinels:
                 await s.aclose()

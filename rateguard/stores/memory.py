@@ -7,9 +7,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from math import floor
 
-from rateguard.bucket import EPSILON, BucketState, Decision, Rule, new_decision, refill, take
+from rateguard.bucket import EPSILON, BucketState, Decision, Rule, give_back, new_decision, refill, take_all
 from rateguard.errors import ConfigurationError
-from rateguard.stores import StoreStats
+from rateguard.stores import Buckets, StoreStats
 
 # Buckets one insertion checks, going round the store: more than the one it adds, so the sweep
 # goes round faster than the store grows. At the bound it looks further for one to let go.
@@ -38,7 +38,11 @@ class MemoryStore:
     of a sweep that goes round the whole store (no background thread). Past the bound, the
     least recently used go: the sweep evicts the first bucket not used since it last came by
     (the CLOCK approximation of LRU, which costs a request nothing). ``clock`` returns seconds
-    and must not go backwards; tests pass a fake one instead of sleeping.
+    and must not go backwards; tests pass a fake one (`rateguard.testing.FakeClock`) instead of
+    sleeping.
+
+    It holds no connection and no task, so any event loop may use it, one after another; it is
+    not for several threads at once.
     """
 
     kind = "memory"
@@ -58,56 +62,85 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore(max_keys={self.max_keys})"
 
+    async def __aenter__(self) -> MemoryStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
     def take_now(self, client: str, bucket: str, rule: Rule, cost: int = 1) -> Decision:
         """`take` without the coroutine: nothing here awaits, so a decision is never split.
 
-        A known bucket takes the step of `bucket.take` written out in place: this runs on every
-        request, and calling `take` (its frame, the tuple it returns) was a third of the cost.
-        The tests hold both to the same table of cases.
+        A known bucket takes the step of `bucket.take_all` written out in place: this runs on
+        every request, and the general step (its lists, its frame) was a third of the cost. The
+        tests hold both to the same table of cases.
         """
-        now = self.clock()
-        key = (client, bucket)
-        slot = self._slots.get(key)
+        slot = self._slots.get((client, bucket))
         if slot is None:
-            tokens, last, decision = take(None, now, now, rule.rate, rule.burst, cost)
-            self._insert(key, _Slot(tokens, last, rule.burst, rule.rate), now)
-        else:
-            slot.used = True
-            # The caller's rule wins: a bucket follows its rule if the app's config changes.
-            capacity = slot.capacity = rule.burst
-            rate = slot.rate = rule.rate
-            tokens = slot.tokens
-            if now > slot.last:  # a clock that goes backwards refills nothing
-                tokens += (now - slot.last) * rate
-                if tokens > capacity:
-                    tokens = float(capacity)
-                slot.last = now
-            if tokens + EPSILON >= cost:
-                tokens -= cost
-                if tokens < 0.0:
-                    tokens = 0.0
-                slot.tokens = tokens
-                self.allowed += 1
-                return new_decision(
-                    True, capacity, floor(tokens + EPSILON), 0.0, (capacity - tokens) / rate, rate
-                )
+            return self.take_all_now(client, ((bucket, rule),), cost)[0]
+        now = self.clock()
+        slot.used = True
+        # The caller's rule wins: a bucket follows its rule if the app's config changes.
+        capacity = slot.capacity = rule.burst
+        rate = slot.rate = rule.rate
+        tokens = slot.tokens
+        if now > slot.last:  # a clock that goes backwards refills nothing
+            tokens += (now - slot.last) * rate
+            if tokens > capacity:
+                tokens = float(capacity)
+            slot.last = now
+        if tokens + EPSILON >= cost:
+            tokens -= cost
+            if tokens < 0.0:
+                tokens = 0.0
             slot.tokens = tokens
-            decision = new_decision(
-                False,
-                capacity,
-                floor(tokens + EPSILON),
-                (cost - tokens) / rate,
-                (capacity - tokens) / rate,
-                rate,
+            self.allowed += 1
+            return new_decision(
+                True, capacity, floor(tokens + EPSILON), 0.0, (capacity - tokens) / rate, rate
             )
-        if decision.allowed:
+        slot.tokens = tokens
+        self.limited += 1
+        return new_decision(
+            False, capacity, floor(tokens + EPSILON), (cost - tokens) / rate, (capacity - tokens) / rate, rate
+        )
+
+    def take_all_now(self, client: str, buckets: Buckets, cost: int = 1) -> tuple[Decision, ...]:
+        """`take_all` without the coroutine."""
+        now = self.clock()
+        slots = self._slots
+        found = [slots.get((client, bucket)) for bucket, _ in buckets]
+        states = [None if s is None else (s.tokens, s.last) for s in found]
+        allowed, after, decisions = take_all(states, now, [(r.rate, r.burst) for _, r in buckets], cost)
+        for slot, (bucket, rule), (tokens, last) in zip(found, buckets, after, strict=True):
+            if slot is None:
+                if tokens < rule.burst:  # a full bucket is the same as none: keep only the others
+                    self._insert((client, bucket), _Slot(tokens, last, rule.burst, rule.rate), now)
+            else:
+                slot.used = True
+                slot.tokens, slot.last, slot.capacity, slot.rate = tokens, last, rule.burst, rule.rate
+        if allowed:
             self.allowed += 1
         else:
             self.limited += 1
-        return decision
+        return tuple(decisions)
 
     async def take(self, client: str, bucket: str, rule: Rule, cost: int = 1) -> Decision:
         return self.take_now(client, bucket, rule, cost)
+
+    async def take_all(self, client: str, buckets: Buckets, cost: int = 1) -> tuple[Decision, ...]:
+        return self.take_all_now(client, buckets, cost)
+
+    def give_back_now(self, client: str, buckets: Buckets, cost: int = 1) -> None:
+        now = self.clock()
+        for bucket, rule in buckets:
+            slot = self._slots.get((client, bucket))
+            if slot is not None:
+                back = give_back((slot.tokens, slot.last), now, rule.rate, rule.burst, cost)
+                assert back is not None
+                slot.tokens, slot.last = back
+
+    async def give_back(self, client: str, buckets: Buckets, cost: int = 1) -> None:
+        self.give_back_now(client, buckets, cost)
 
     def _insert(self, key: Key, slot: _Slot, now: float) -> None:
         slots = self._slots
@@ -140,10 +173,22 @@ class MemoryStore:
         ]
 
     async def reset(self, client: str) -> list[str]:
+        return self.reset_now(client)
+
+    def reset_now(self, client: str) -> list[str]:
         keys = [k for k in self._slots if k[0] == client]
         for key in keys:
             del self._slots[key]
         return [bucket for _, bucket in keys]
+
+    @property
+    def size(self) -> int:
+        """Buckets held now."""
+        return len(self._slots)
+
+    def clear(self) -> None:
+        """Forget every bucket (every client starts full); the counters stay."""
+        self._slots.clear()
 
     async def count(self) -> int:
         return len(self._slots)
@@ -153,5 +198,8 @@ class MemoryStore:
             "memory", self.allowed, self.limited, self.allowed, self.limited, len(self._slots), True
         )
 
+    async def ping(self) -> float:
+        return 0.0
+
     async def close(self) -> None:
-        self._slots.clear()
+        """Nothing to release: the buckets stay, as they would in Redis, for the next lifespan."""

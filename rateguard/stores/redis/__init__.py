@@ -1,0 +1,569 @@
+"""RedisStore: buckets in Redis, shared by every app server, one atomic Lua step per decision.
+
+The parts, one job each: `connect` (where Redis is), `wire` (rateguard's own decision
+connection), `batcher` (coalesced, pipelined EVALSHA), `cluster` (the slot map), `pipeline` (a
+user's client), `breaker` (outages), `deny` (the deny cache and its subscription), `counters`
+(shared totals), `admin` (inspect, reset, count). This module wires them, and binds what
+belongs to an event loop to the loop that uses the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from functools import partial
+from importlib.resources import files
+from typing import Any
+
+from rateguard.bucket import BucketState, Decision, Rule, new_decision
+from rateguard.errors import ConfigurationError, StoreError
+from rateguard.identity import encode_identifier
+from rateguard.stores import Buckets, StoreStats
+from rateguard.stores.redis.admin import Admin
+from rateguard.stores.redis.batcher import Batcher, BatchFailed, Channel, Histogram
+from rateguard.stores.redis.breaker import ON_ERROR, Breaker, OnError
+from rateguard.stores.redis.cluster import SlotMap
+from rateguard.stores.redis.connect import Deployment, cluster_nodes, discover, from_options
+from rateguard.stores.redis.counters import Counters
+from rateguard.stores.redis.deny import DenyCache, ResetListener
+from rateguard.stores.redis.pipeline import PipelineChannel
+from rateguard.stores.redis.wire import Address, round_trip
+
+TOKEN_BUCKET_LUA = files("rateguard.stores.redis").joinpath("token_bucket.lua").read_text("utf-8")
+_SCRIPT = TOKEN_BUCKET_LUA.encode("utf-8")
+_SHA = hashlib.sha1(_SCRIPT).hexdigest()
+# close() gives background work this long to end; whatever is left is dropped.
+_CLOSE_WAIT = 0.05
+
+
+def _seconds(name: str, value: object, hint: str) -> float:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or math.isnan(value)
+        or not 0 < value <= 60
+    ):
+        raise ConfigurationError(f"{name} must be a number of seconds in (0, 60], got {value!r}; {hint}")
+    return float(value)
+
+
+class RedisStore:
+    """Token buckets in Redis, so several servers share one limit with no race.
+
+    Connect with exactly one of: ``url`` (``redis://``, ``rediss://``, ``unix://``; add
+    ``cluster=True`` for a Redis Cluster), ``host``/``port``/``db``/``username``/``password``
+    (``ssl=True`` for TLS), ``sentinels`` + ``service_name``, or a ready ``client``
+    (``redis.asyncio.Redis``, ``RedisCluster``, or ``Sentinel.master_for(...)``, never closed by
+    rateguard). Nothing connects until the first decision (or `ping`).
+
+    Keys are ``<prefix>{<client>}:<bucket>``: the hash tag keeps one client's buckets in one
+    Cluster slot while clients spread over all shards. Each key expires once its bucket is full.
+
+    Outages: every batch of decisions has a deadline of ``timeout`` seconds. When Redis fails or
+    is too slow, a circuit breaker stops sending decisions to it for a back-off that doubles from
+    ``retry_backoff`` up to ``max_backoff``, then probes it; decisions meanwhile follow
+    ``on_error``: ``"local"`` (default) limits with an in-process bucket of the same rule (with N
+    servers, up to N x the limit), ``"allow"`` lets requests through, ``"deny"`` answers 503.
+
+    ``deny_cache``: a client that Redis has just denied is denied locally, with no round trip,
+    until its bucket could hold enough tokens again; resets and give-backs reach every server's
+    cache through pub/sub, and the cache is off whenever that subscription is not live.
+
+    Event loops: a store serves the loop that uses it. Used from a new loop after the old one
+    ended (``asyncio.run`` twice, a test per loop), it drops what belonged to the old one and
+    starts afresh; two loops running at once in two threads need a store each.
+    """
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        host: str | None = None,
+        port: int = 6379,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        ssl: bool = False,
+        client: Any = None,
+        cluster: bool = False,
+        sentinels: Sequence[tuple[str, int]] | None = None,
+        service_name: str | None = None,
+        prefix: str = "rateguard:",
+        on_error: OnError = "local",
+        timeout: float = 0.05,
+        connect_timeout: float = 0.05,
+        retry_backoff: float = 0.25,
+        max_backoff: float = 5.0,
+        deny_cache: bool = True,
+        local_max_keys: int = 100_000,
+    ) -> None:
+        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
+            raise ConfigurationError(
+                f"prefix must be a non-empty string without braces, got {prefix!r}; the default is 'rateguard:'"
+            )
+        if on_error not in ON_ERROR:
+            raise ConfigurationError(
+                f"on_error must be 'local', 'allow' or 'deny', got {on_error!r}; 'local' (the default) "
+                "keeps limiting in each process while Redis is unreachable"
+            )
+        self.timeout = _seconds("timeout", timeout, "the default is 0.05 (50 ms)")
+        self.connect_timeout = _seconds("connect_timeout", connect_timeout, "the default is 0.05 (50 ms)")
+        self.retry_backoff = _seconds("retry_backoff", retry_backoff, "the default is 0.25")
+        self.max_backoff = _seconds("max_backoff", max_backoff, "the default is 5")
+        if self.max_backoff < self.retry_backoff:
+            raise ConfigurationError(
+                f"max_backoff ({max_backoff}) must be >= retry_backoff ({retry_backoff})"
+            )
+        self.deployment: Deployment = from_options(
+            url=url, host=host, port=port, db=db, username=username, password=password, ssl=ssl, client=client,
+            cluster=cluster, sentinels=sentinels, service_name=service_name, connect_timeout=self.connect_timeout,
+        )  # fmt: skip
+        self.prefix = prefix
+        self.on_error: OnError = on_error
+        self.deny_cache = bool(deny_cache)
+        self.is_cluster = self.deployment.kind == "cluster" or hasattr(client, "get_node_from_key")
+        self._stats_key = f"{prefix}stats"
+        self._channel = f"{prefix}reset"
+        self._breaker = Breaker(
+            lambda: self.where, on_error, self.retry_backoff, self.max_backoff, local_max_keys
+        )
+        self._counters = Counters(self._stats_key, self.timeout * 4)
+        self._deny = DenyCache()
+        self._latency = Histogram()
+        self._bucket_parts: dict[str, str] = {}
+        self._bound: _Bound | None = None
+        self._unbound_client: Any = None  # `client` asked for outside any event loop
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.where}, prefix={self.prefix!r}, on_error={self.on_error!r})"
+
+    async def __aenter__(self) -> RedisStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- what metrics and the admin API read ------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        """Where this store's Redis is, for logs: host:port (or the cluster/sentinel), never a password."""
+        return self.deployment.where
+
+    @property
+    def client(self) -> Any:
+        """A redis-py client on this store's Redis, for commands of your own (this event loop's)."""
+        try:
+            return self._bind().admin.client
+        except RuntimeError:  # no running loop: one that binds to the loop it is first used in
+            if self._unbound_client is None:
+                self._unbound_client = self.deployment.admin_client(max(self.timeout, 0.1))
+            return self._unbound_client
+
+    @property
+    def latency(self) -> Histogram:
+        """Round-trip times of decision batches (seconds), for metrics."""
+        return self._latency
+
+    @property
+    def degraded(self) -> bool:
+        return self._breaker.degraded
+
+    @property
+    def last_error(self) -> str | None:
+        return self._breaker.last_error
+
+    @property
+    def errors(self) -> int:
+        return self._breaker.errors
+
+    @property
+    def degraded_decisions(self) -> int:
+        return self._breaker.degraded_decisions
+
+    @property
+    def deny_cache_hits(self) -> int:
+        return self._deny.hits
+
+    @property
+    def deny_cache_live(self) -> bool:
+        """Whether the deny cache answers now (its reset subscription is up)."""
+        return self._deny.live
+
+    @property
+    def deny_cache_size(self) -> int:
+        """Refusals remembered now."""
+        return len(self._deny)
+
+    @property
+    def allowed(self) -> int:
+        return self._counters.allowed
+
+    @property
+    def limited(self) -> int:
+        return self._counters.limited
+
+    def key(self, client: str, bucket: str) -> str:
+        part = self._bucket_parts.get(bucket)
+        if part is None:
+            part = encode_identifier(bucket)
+            if len(self._bucket_parts) < 4096:  # bucket names are few: "global" and route templates
+                self._bucket_parts[bucket] = part
+        return f"{self.prefix}{{{client}}}:{part}"
+
+    # -- decisions --------------------------------------------------------------------------------
+
+    async def take(
+        self, client: str, bucket: str, rule: Rule, cost: int = 1, *, now: float | None = None
+    ) -> Decision:
+        return (await self.take_all(client, ((bucket, rule),), cost, now=now))[0]
+
+    async def take_all(
+        self, client: str, buckets: Buckets, cost: int = 1, *, now: float | None = None
+    ) -> tuple[Decision, ...]:
+        keys = tuple([self.key(client, bucket) for bucket, _ in buckets])
+        bound = self._bind()
+        breaker = self._breaker
+        if breaker.degraded:
+            if breaker.probe_due():
+                bound.start_probe()
+            return self._fallback(client, buckets, cost, bound)
+        deny = self._deny
+        if deny.live and now is None:
+            denied = deny.refusal(keys, buckets, cost)
+            if denied is not None:
+                self._count(False, bound)
+                return denied
+        args: list[Any] = [cost, "" if now is None else now, ""]
+        for _, rule in buckets:
+            args += (rule.rate, rule.burst)
+        try:
+            reply = await bound.batcher.submit(keys, tuple(args))
+        except BatchFailed:
+            return self._fallback(client, buckets, cost, bound)
+        decisions = tuple(
+            [
+                new_decision(
+                    reply[i] == 1,
+                    rule.burst,
+                    int(reply[i + 1]),
+                    float(reply[i + 2]),
+                    float(reply[i + 3]),
+                    rule.rate,
+                )
+                for i, (_, rule) in zip(range(0, 4 * len(buckets), 4), buckets, strict=True)
+            ]
+        )
+        allowed = all(d.allowed for d in decisions)
+        self._count(allowed, bound)
+        if not allowed and self.deny_cache and deny.live and now is None:
+            deny.remember(keys[0][: keys[0].index("}") + 2], keys, buckets, decisions)
+        return decisions
+
+    async def give_back(
+        self, client: str, buckets: Buckets, cost: int = 1, *, now: float | None = None
+    ) -> None:
+        keys = tuple([self.key(client, bucket) for bucket, _ in buckets])
+        bound = self._bind()
+        self._deny.forget_keys(keys, _head)
+        if self._breaker.degraded:
+            self._breaker.local.give_back_now(client, buckets, cost)
+            return
+        args: list[Any] = [-cost, "" if now is None else now, self._channel if self.deny_cache else ""]
+        for _, rule in buckets:
+            args += (rule.rate, rule.burst)
+        with contextlib.suppress(BatchFailed):
+            await bound.batcher.submit(keys, tuple(args))
+
+    def _fallback(self, client: str, buckets: Buckets, cost: int, bound: _Bound) -> tuple[Decision, ...]:
+        decisions = self._breaker.fallback(client, buckets, cost)
+        self._count(all(d.allowed for d in decisions), bound)
+        return decisions
+
+    def _count(self, allowed: bool, bound: _Bound) -> None:
+        self._counters.add(allowed)
+        self._counters.arm(bound.loop, bound.flush_soon)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._breaker.failed(exc):
+            self._deny.clear()  # a reset may be missed while we can't hear Redis
+
+    def _succeeded(self) -> None:
+        self._breaker.succeeded()
+
+    # -- event loops ------------------------------------------------------------------------------
+
+    def _bind(self) -> _Bound:
+        """This loop's parts: made on first use in it; those of a loop that ended are dropped."""
+        loop = asyncio.get_running_loop()
+        bound = self._bound
+        if bound is not None:
+            if bound.loop is loop:
+                return bound
+            if bound.loop.is_running():
+                raise StoreError(
+                    f"{self!r} is in use by an event loop running in another thread; a store serves one "
+                    "loop at a time: create one store per event loop (per thread)"
+                )
+            bound.abandon()
+        bound = self._bound = _Bound(self, loop)
+        return bound
+
+    async def close(self) -> None:
+        """Stop background work and close this store's connections; quick, and safe to repeat.
+
+        A ``client=`` of yours is left open. The store opens again if it is used afterwards.
+        """
+        bound, self._bound = self._bound, None
+        if bound is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if bound.loop is running:
+            await bound.aclose(flush=True)
+        else:
+            bound.abandon()
+
+    # -- admin ------------------------------------------------------------------------------------
+
+    async def ping(self) -> float:
+        """Seconds one PING round trip takes; `StoreError` saying what is wrong (host, auth, db, TLS)."""
+        d = self.deployment
+        if d.kind == "client":
+            start = time.perf_counter()
+            try:
+                async with asyncio.timeout(max(1.0, self.connect_timeout)):
+                    await d.client.ping()
+            except Exception as exc:
+                raise StoreError(f"Redis at {self.where}: {type(exc).__name__}: {exc}") from None
+            return time.perf_counter() - start
+        if d.kind == "sentinel":
+            bound = self._bind()
+            assert d.service_name is not None and bound.sentinel is not None
+            address = await discover(bound.sentinel, d.service_name)
+        else:
+            assert d.address is not None
+            address = d.address
+        return await round_trip(address, d.settings)
+
+    async def inspect(self, client: str) -> list[BucketState]:
+        admin = self._bind().admin
+        return await admin.twice(lambda: admin.inspect(client))
+
+    async def reset(self, client: str) -> list[str]:
+        admin = self._bind().admin
+        names = await admin.twice(lambda: admin.reset(client, self._channel))
+        # This server too: its cached denials and fallback buckets of that client.
+        self._deny.forget_client(f"{self.prefix}{{{client}}}:")
+        self._breaker.local.reset_now(client)
+        return names
+
+    def _on_reset(self, client: str) -> None:
+        self._deny.forget_client(f"{self.prefix}{{{client}}}:")
+        self._breaker.local.reset_now(client)
+
+    async def count(self) -> int:
+        admin = self._bind().admin
+        return await admin.twice(admin.count)
+
+    async def stats(self) -> StoreStats:
+        allowed, limited = self._counters.allowed, self._counters.limited
+        bound = self._bind()
+        try:
+            async with asyncio.timeout(max(1.0, self.timeout * 10)):
+                await bound.admin.twice(bound.admin.client.ping)  # also clears a stale pooled connection
+                start = time.perf_counter()
+                await bound.admin.client.ping()
+                latency = (time.perf_counter() - start) * 1000
+                await bound.flush()
+                allowed_total, limited_total = await bound.admin.totals(self._stats_key)
+                buckets = await self.count()
+        except Exception as exc:  # unreachable, or a redis-py error: reported, never raised
+            return StoreStats(
+                "redis", allowed, limited, allowed, limited, self._breaker.local.size, False, None,
+                self.degraded, f"{type(exc).__name__}: {exc}",
+            )  # fmt: skip
+        return StoreStats(
+            "redis", allowed, limited, allowed_total, limited_total, buckets, True, round(latency, 3),
+            self.degraded, self.last_error,
+        )  # fmt: skip
+
+
+def _head(key: str) -> str:
+    return key[: key.index("}") + 2]
+
+
+class _Bound:
+    """Everything of a store that belongs to one event loop: connections, tasks, timers."""
+
+    def __init__(self, store: RedisStore, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+        self.closed = False
+        self.tasks: set[asyncio.Task[Any]] = set()
+        d = store.deployment
+        client = store._unbound_client
+        store._unbound_client = None
+        self.owns_client = d.kind != "client"
+        self.sentinel = d.sentinel(max(store.timeout, 0.1)) if d.kind == "sentinel" else None
+        if client is None:
+            client = d.admin_client(max(store.timeout, 0.1), self.sentinel)
+        self.admin = Admin(client, store.prefix, store.is_cluster)
+        self.slots: SlotMap | None = None
+        self.batcher = Batcher(
+            sha=_SHA, script=_SCRIPT, settings=d.settings, timeout=store.timeout, route=self._route,
+            on_failure=store._failed, on_success=store._succeeded, latency=store._latency,
+            locate=self._locate_slot if store.is_cluster else None,
+            redirected=self._redirected if store.is_cluster else None,
+        )  # fmt: skip
+        if d.kind == "client" and d.cluster_wire is None:
+            self.channel: Channel | None = PipelineChannel(self.batcher, d.client)
+        elif d.kind in ("cluster", "client"):
+            self.channel = None
+            seeds = _fixed_seeds(d.address) if d.address is not None else partial(cluster_nodes, d.client)
+            self.slots = SlotMap(seeds, d.settings, lambda a: Channel(self.batcher, _fixed(a)))
+        else:
+            self.channel = Channel(self.batcher, self._locate)
+        self.listener: ResetListener | None = None
+        if store.deny_cache and hasattr(self.admin.client, "pubsub"):
+            self.listener = ResetListener(
+                self.admin.client, store._channel, store._deny, store._on_reset,
+                lambda keys: store._deny.forget_keys(keys, _head), lambda: store._breaker.backoff,
+                lambda: store.where, max(1.0, store.connect_timeout * 4),
+            )  # fmt: skip
+            self.spawn(self.listener.run())
+        # Kept until the loop ends or the store closes: when a loop runner (asyncio.run, a test's
+        # loop) cancels what is left, this closes the connections while the loop still runs.
+        self.keeper = loop.create_task(self._keep())
+
+    def _route(self, keys: tuple[str, ...]) -> Channel | None:
+        if self.channel is not None:
+            return self.channel
+        assert self.slots is not None
+        return self.slots.route(keys)
+
+    async def _locate_slot(self, keys: tuple[str, ...]) -> Channel:
+        assert self.slots is not None
+        return await self.slots.locate(keys)
+
+    async def _redirected(self, reply: str) -> None:
+        assert self.slots is not None
+        await self.slots.redirected(reply)
+
+    async def _locate(self) -> Address:
+        d = self.store.deployment
+        if self.sentinel is not None:
+            assert d.service_name is not None
+            return await discover(self.sentinel, d.service_name)
+        assert d.address is not None
+        return d.address
+
+    def channels(self) -> list[Channel]:
+        if self.channel is not None:
+            return [self.channel]
+        assert self.slots is not None
+        return list(self.slots.channels.values())
+
+    def spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def start_probe(self) -> None:
+        breaker = self.store._breaker
+        breaker.probing = True
+        self.spawn(self._probe())
+
+    async def _probe(self) -> None:
+        store = self.store
+        try:
+            channels = await self.slots.primaries() if self.slots is not None else self.channels()
+            await self.batcher.ping(channels)
+        except (StoreError, TimeoutError, OSError) as exc:
+            store._failed(exc)
+        else:
+            store._succeeded()
+        finally:
+            store._breaker.probing = False
+
+    def flush_soon(self) -> None:
+        if not self.closed and not self.store._breaker.degraded:
+            self.spawn(self.flush())
+
+    async def flush(self) -> None:
+        await self.store._counters.flush(self.admin.client)
+
+    async def _keep(self) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if not self.closed:
+                await self.aclose(flush=False, from_keeper=True)
+            raise
+
+    async def aclose(self, *, flush: bool, from_keeper: bool = False) -> None:
+        """Close on this loop: connections, tasks and timers; within about 50 ms."""
+        if self.closed:
+            return
+        self.closed = True
+        store = self.store
+        store._counters.disarm()
+        if not from_keeper:
+            self.keeper.cancel()
+        if self.listener is not None:
+            self.listener.closing = True
+        self.batcher.close(self.channels())
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_CLOSE_WAIT):
+                if flush and not store._breaker.degraded:
+                    await self.flush()
+        tasks = [t for t in self.tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=_CLOSE_WAIT)
+        if self.owns_client:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_CLOSE_WAIT):
+                    await self.admin.client.aclose()
+            if self.sentinel is not None:
+                for s in self.sentinel.sentinels:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(_CLOSE_WAIT):
+                            await s.aclose()
+        store._deny.live = False
+        store._deny.clear()
+
+    def abandon(self) -> None:
+        """Drop what belongs to a loop that is gone, without touching that loop."""
+        self.closed = True
+        self.store._counters.disarm()  # its timer can never fire: the next loop arms its own
+        if self.listener is not None:
+            self.listener.closing = True
+        self.store._deny.live = False
+        self.store._deny.clear()
+
+
+def _fixed_seeds(address: Address) -> Any:
+    async def seeds() -> list[Address]:
+        return [address]
+
+    return seeds
+
+
+def _fixed(address: Address) -> Any:
+    async def locate() -> Address:
+        return address
+
+    return locate
+
+
+__all__ = ["TOKEN_BUCKET_LUA", "RedisStore"]

@@ -1,0 +1,144 @@
+"""The admin side of a RedisStore: inspect, reset and count buckets over SCAN, through redis-py.
+
+None of this is on a request's path. A Cluster is walked through redis-py's public calls:
+``initialize()``, ``get_node_from_key()``, ``get_primaries()`` and ``target_nodes=``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from rateguard.bucket import BucketState, refill
+from rateguard.errors import StoreError
+
+T = TypeVar("T")
+_GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+
+
+def _num(value: Any) -> float:
+    return float(value.decode() if isinstance(value, bytes) else value)
+
+
+def bucket_name(key: bytes | str, prefix: str, client: str) -> str:
+    text = key.decode() if isinstance(key, bytes) else key
+    return unquote(text[len(prefix) + len(client) + 3 :])
+
+
+class Admin:
+    """Admin operations on one redis-py client (plain, Sentinel or Cluster)."""
+
+    def __init__(self, client: Any, prefix: str, cluster: bool) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.cluster = cluster
+
+    async def twice(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run an admin operation, once more if a pooled connection turns out to be stale.
+
+        After a Redis restart the pool still holds connections to the old server; the first
+        command on each fails. Admin reads and resets are safe to repeat; decisions never are,
+        and they don't come here.
+        """
+        try:
+            return await operation()
+        except RedisConnectionError:
+            return await operation()
+        except StoreError as exc:
+            if not isinstance(exc.__cause__, RedisConnectionError):
+                raise
+            return await operation()
+
+    async def _on_node(self, node: Any, *command: Any) -> Any:
+        """One command on one cluster node (redis-py may answer {node name: reply} for those)."""
+        reply = await self.client.execute_command(*command, target_nodes=node)
+        if isinstance(reply, dict) and len(reply) == 1:
+            return next(iter(reply.values()))
+        if command[0] == "SCAN" and isinstance(reply[0], dict):  # ({node: cursor}, keys)
+            return next(iter(reply[0].values())), reply[1]
+        return reply
+
+    async def _scan_node(self, node: Any, pattern: str) -> list[bytes]:
+        keys: list[bytes] = []
+        cursor: Any = 0
+        while True:
+            cursor, batch = await self._on_node(node, "SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            keys.extend(batch)
+            if int(cursor) == 0:
+                return keys
+
+    async def client_keys(self, client: str) -> list[bytes]:
+        pattern = f"{self.prefix}{{{client}}}:".translate(_GLOB_SPECIAL) + "*"
+        if self.cluster:
+            # One client's keys share a slot: scan only the node that owns it.
+            await self.client.initialize()
+            return await self._scan_node(
+                self.client.get_node_from_key(f"{self.prefix}{{{client}}}:x"), pattern
+            )
+        return [k async for k in self.client.scan_iter(match=pattern, count=1000)]
+
+    async def inspect(self, client: str) -> list[BucketState]:
+        try:
+            keys = await self.client_keys(client)
+            if not keys:
+                return []
+            results = [await self.client.hmget(k, "t", "ts", "c", "r") for k in keys]
+            if self.cluster:
+                sec, usec = await self._on_node(self.client.get_node_from_key(keys[0]), "TIME")
+            else:
+                sec, usec = await self.client.time()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis could not inspect {client!r}: {exc}") from exc
+        now = int(sec) + int(usec) / 1_000_000
+        out = []
+        for k, fields in zip(keys, results, strict=True):
+            if None in fields:
+                continue  # expired between SCAN and HMGET: a full bucket, nothing to show
+            tokens, last, cap, rate = (_num(f) for f in fields)
+            out.append(
+                BucketState(
+                    bucket_name(k, self.prefix, client),
+                    refill(tokens, last, now, rate, int(cap)),
+                    int(cap),
+                    rate,
+                )
+            )
+        return out
+
+    async def reset(self, client: str, channel: str) -> list[str]:
+        """Delete a client's buckets and tell every server (their deny caches) through ``channel``."""
+        try:
+            keys = await self.client_keys(client)
+            if keys:
+                await self.client.delete(*keys)
+            await self.client.publish(channel, client)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis could not reset {client!r}: {exc}") from exc
+        return [bucket_name(k, self.prefix, client) for k in keys]
+
+    async def count(self) -> int:
+        pattern = self.prefix.translate(_GLOB_SPECIAL) + "{*"
+        try:
+            if self.cluster:
+                await self.client.initialize()
+                n = 0
+                for node in self.client.get_primaries():
+                    n += len(await self._scan_node(node, pattern))
+                return n
+            n = 0
+            async for _ in self.client.scan_iter(match=pattern, count=1000):
+                n += 1
+            return n
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis could not count buckets: {exc}") from exc
+
+    async def totals(self, key: str) -> tuple[int, int]:
+        allowed, limited = await self.client.hmget(key, "allowed", "limited")
+        return int(allowed or 0), int(limited or 0)
+
+
+__all__ = ["Admin", "bucket_name"]
