@@ -79,7 +79,7 @@ def _route_name(route: Any, scope: Any, limits: RequestLimits) -> str:
     of the route's own part: ``/v1/items/{id}`` and ``/v2/items/{id}`` (and ``/v1/{rest:path}``
     and ``/v2/{rest:path}``) are different buckets.
     """
-    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    template = getattr(route, "path", None) or getattr(route, "path_format", None)
     methods = getattr(route, "methods", None)
     kind = ",".join(sorted(methods)) if methods else ("WS" if scope.get("type") == "websocket" else "")
     if not isinstance(template, str):
@@ -238,7 +238,7 @@ def register_declared(app: Any, registry: AppLimits, store: Store) -> None:
     without ``store=`` uses: the outermost `RateGuard`'s.
     """
     for route in served_routes(app):
-        path = getattr(route, "path_format", None) or getattr(route, "path", None)
+        path = getattr(route, "path", None) or getattr(route, "path_format", None)
         if not isinstance(path, str):
             continue
         methods = getattr(route, "methods", None)

@@ -172,25 +172,29 @@ class Planner:
 
 
 class ShadowLog:
-    """Logs the would-be refusals of a limit in shadow mode: at most once a minute, with a count."""
+    """Logs the would-be refusals of a limit in shadow mode: per rule, at most once a minute."""
 
-    __slots__ = ("_count", "_next")
+    __slots__ = ("_rules",)
 
     def __init__(self) -> None:
-        self._count = 0
-        self._next = 0.0
+        self._rules: dict[str, list[float]] = {}  # bucket -> [refusals not logged yet, next log time]
 
     def add(self, bucket: str) -> None:
-        self._count += 1
+        entry = self._rules.get(bucket)
+        if entry is None:
+            if len(self._rules) >= 1024:  # rules are few; this only bounds a runaway
+                self._rules.clear()
+            entry = self._rules[bucket] = [0, 0.0]
+        entry[0] += 1
         now = time.monotonic()
-        if now >= self._next:
+        if now >= entry[1]:
             logger.warning(
                 "rateguard: limit %r in shadow mode would have refused %d request(s) since it last said so",
                 bucket,
-                self._count,
+                int(entry[0]),
             )
-            self._count = 0
-            self._next = now + 60.0
+            entry[0] = 0
+            entry[1] = now + 60.0
 
 
 def count(counts: list[int], decision: Decision) -> None:

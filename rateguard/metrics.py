@@ -24,6 +24,7 @@ app's configuration, not by its traffic.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -45,37 +46,53 @@ _OUTCOMES = ("allowed", "limited", "degraded", "shadow_limited")
 
 
 class RateGuardCollector(Collector):
-    """Collects the decision counts and store health of one app's `RateGuard` and ``limit()``s.
+    """Collects the decision counts and store health of the apps it is given.
 
-    :param app: the Starlette/FastAPI app whose limits are reported (found as the admin API
-        finds them: its middleware chain and its routes).
-    :param store: a store to report besides those found in the app.
+    One collector per registry serves every app instrumented on it (`instrument` adds them):
+    an app factory called twice, or two apps in one process, are counted together (each rule's
+    counts summed), and an app that is gone drops out.
+
+    :param app: an app whose limits are reported (read from its registry, ``app.state.rateguard``).
+    :param store: a store to report besides those the app's limits use.
     """
 
-    def __init__(self, app: Any, *, store: Store | None = None) -> None:
+    def __init__(self, app: Any = None, *, store: Store | None = None) -> None:
+        self._apps: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._stores: list[Store] = []
+        if app is not None:
+            self.add(app, store=store)
+
+    def add(self, app: Any, *, store: Store | None = None) -> None:
         if store is not None and not isinstance(store, Store):
             raise ConfigurationError(
                 f"store must be a rateguard store such as MemoryStore() or RedisStore(...), "
                 f"got {type(store).__name__}"
             )
-        self.app = app
-        self.store = store
+        self._apps.add(app)
+        if store is not None and not any(s is store for s in self._stores):
+            self._stores.append(store)
 
     def describe(self) -> Iterator[Metric]:
-        # The names without reading anything, so a registry can refuse a second collector early.
+        # The names without reading anything, so a registry can refuse a clashing collector early.
         yield from _families()
 
     def collect(self) -> Iterator[Metric]:
         decisions, latency, errors, circuit, degraded, deny_hits = _families()
-        for rule, counts in sorted(decision_counts(self.app).items()):
-            for outcome, value in zip(_OUTCOMES, counts, strict=True):
+        totals: dict[str, list[int]] = {}
+        stores: list[Store] = list(self._stores)
+        for app in list(self._apps):
+            for rule, counts in decision_counts(app).items():
+                summed = totals.setdefault(rule, [0] * len(_OUTCOMES))
+                for i, value in enumerate(counts):
+                    summed[i] += value
+            for r in discover_rules(app):
+                if not any(s is r.store for s in stores):
+                    stores.append(r.store)
+        for rule, summed in sorted(totals.items()):
+            for outcome, value in zip(_OUTCOMES, summed, strict=True):
                 decisions.add_metric([rule, outcome], value)
         yield decisions
 
-        stores: list[Store] = [] if self.store is None else [self.store]
-        for r in discover_rules(self.app):
-            if not any(s is r.store for s in stores):
-                stores.append(r.store)
         for label, store in labelled_stores(stores):
             hist = getattr(store, "latency", None)
             if hist is not None:
@@ -142,15 +159,25 @@ def _cumulative(hist: Any) -> list[tuple[str, float]]:
     return buckets
 
 
+# The collector of each registry instrument() was called for: a registry holds one, whatever the
+# number of apps (keyed weakly: a registry that is gone takes its collector with it).
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, RateGuardCollector] = weakref.WeakKeyDictionary()
+
+
 def instrument(
     app: Any, registry: CollectorRegistry | None = None, *, store: Store | None = None
 ) -> RateGuardCollector:
-    """Register a `RateGuardCollector` for ``app`` on ``registry`` (prometheus_client's default).
+    """Report ``app``'s limits on ``registry`` (prometheus_client's default); returns the collector.
 
-    Register one per app and registry: a second raises ``ValueError`` (duplicated timeseries).
+    Safe to call again, for another app or for the same (an app factory): the registry's one
+    rateguard collector then reports them all.
     """
-    collector = RateGuardCollector(app, store=store)
-    (REGISTRY if registry is None else registry).register(collector)
+    target = REGISTRY if registry is None else registry
+    collector = _collectors.get(target)
+    if collector is None:
+        collector = _collectors[target] = RateGuardCollector()
+        target.register(collector)
+    collector.add(app, store=store)
     return collector
 
 

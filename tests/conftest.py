@@ -15,6 +15,7 @@ import redis
 
 from rateguard import MemoryStore, RedisStore
 from rateguard.stores import Store
+from rateguard.testing import FakeClock
 
 from . import servers
 from .helpers import stop_process
@@ -156,22 +157,10 @@ async def redis_store(redis_url: str) -> AsyncIterator[RedisStore]:
         await store.close()
 
 
-class FakeClock:
-    """A clock tests move by hand: no sleeping."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    """The documented way to test with time: `rateguard.testing.FakeClock`, moved by hand."""
+    return FakeClock(1_700_000_000.0)
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])

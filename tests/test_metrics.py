@@ -157,13 +157,21 @@ async def test_a_scrape_reads_memory_only_and_labels_two_stores_of_a_kind() -> N
     assert [s["store"] for s in live["stores"]] == ["memory", "memory_2"]
 
 
-def test_one_collector_per_app_and_registry() -> None:
+async def test_instrument_twice_or_for_two_apps_sums_on_one_collector() -> None:
     registry = CollectorRegistry()
-    app = small_app(MemoryStore())
-    instrument(app, registry)
+    first, second = small_app(MemoryStore()), small_app(MemoryStore())
+    assert instrument(first, registry) is instrument(first, registry)  # an app factory, twice
+    instrument(second, registry)
+    assert await hit(first, "/api/data", 3) == [200] * 3
+    assert await hit(second, "/api/data", 2) == [200] * 2
+    text = generate_latest(registry).decode()
+    assert 'rateguard_decisions_total{outcome="allowed",rule="global"} 5.0' in text
+    assert text.count("# TYPE rateguard_decisions_total counter") == 1
+    # A collector of its own on another registry: the same names are refused there only once.
+    other = CollectorRegistry()
+    other.register(RateGuardCollector(first))
     with pytest.raises(ValueError, match="Duplicated"):
-        instrument(app, registry)
-    assert isinstance(RateGuardCollector(app), RateGuardCollector)
+        other.register(RateGuardCollector(first))
 
 
 def test_rateguard_imports_without_prometheus_client() -> None:
