@@ -6,7 +6,7 @@ Environment:
     RATEGUARD_RPM          the global limit in requests per minute (default 60)
     RATEGUARD_ADMIN_TOKEN  bearer token for /api/admin; unset = admin answers loopback clients only
 
-GET /metrics is the Prometheus scrape (needs ``pip install 'rateguard[prometheus]'``); the admin
+GET /metrics is the Prometheus scrape (needs ``pip install 'fastapi-rateguard[prometheus]'``); the admin
 dashboard is at /api/admin/.
 """
 
@@ -21,7 +21,16 @@ from urllib.parse import urlsplit, urlunsplit
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-from rateguard import ConfigurationError, MemoryStore, RateGuard, RedisStore, Rule, admin_router, limit
+from rateguard import (
+    ConfigurationError,
+    MemoryStore,
+    RateGuard,
+    RedisStore,
+    Rule,
+    admin_router,
+    install,
+    limit,
+)
 from rateguard.stores import Store
 
 EXPENSIVE_RPM = 5
@@ -100,7 +109,7 @@ def _metrics(app: FastAPI) -> Callable[[], Response]:
 
         from rateguard.metrics import instrument
     except ImportError:
-        hint = "prometheus-client is not installed: pip install 'rateguard[prometheus]'\n"
+        hint = "prometheus-client is not installed: pip install 'fastapi-rateguard[prometheus]'\n"
         return lambda: PlainTextResponse(hint, status_code=501)
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
@@ -130,13 +139,11 @@ def create_app() -> FastAPI:
             ADMIN_PREFIX,
             "bearer token" if admin.token_required else "loopback clients only",
         )
-        try:
-            yield
-        finally:
-            await store.close()
+        yield  # RateGuard closes the store at shutdown
 
     app = FastAPI(title="rateguard demo", lifespan=lifespan)
     app.add_middleware(RateGuard, requests_per_minute=rpm, store=store, skip=_is_free)
+    install(app)  # limit()'s 429s declared in the OpenAPI schema at /docs
     app.mount(ADMIN_PREFIX, admin)
     app.state.store = store
     app.state.admin = admin

@@ -6,7 +6,7 @@
     instrument(app)                          # on prometheus_client's default registry
     app.mount("/metrics", make_asgi_app())
 
-Needs the ``prometheus`` extra: ``pip install 'rateguard[prometheus]'``. Every label value is a
+Needs the ``prometheus`` extra: ``pip install 'fastapi-rateguard[prometheus]'``. Every label value is a
 rule (a bucket name: ``global``, a route template or a ``limit(name=...)``), an outcome or a
 store label (``memory``, ``redis``): never a client, so the number of series is fixed by the
 app's configuration, not by its traffic.
@@ -35,7 +35,7 @@ try:
     from prometheus_client.registry import Collector
 except ImportError:  # pragma: no cover - exercised by a test that hides the package
     raise ImportError(
-        "rateguard.metrics needs prometheus-client; install it with: pip install 'rateguard[prometheus]'"
+        "rateguard.metrics needs prometheus-client; install it with: pip install 'fastapi-rateguard[prometheus]'"
     ) from None
 
 from rateguard.admin import decision_counts, discover_rules, labelled_stores

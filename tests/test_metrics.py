@@ -186,7 +186,7 @@ def test_rateguard_imports_without_prometheus_client() -> None:
 def test_metrics_without_prometheus_client_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if it were not installed
     monkeypatch.delitem(sys.modules, "rateguard.metrics")
-    with pytest.raises(ImportError, match=r"pip install 'rateguard\[prometheus\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'fastapi-rateguard\[prometheus\]'"):
         importlib.import_module("rateguard.metrics")
 
 
@@ -215,7 +215,7 @@ async def test_demo_without_prometheus_client_says_what_to_install(monkeypatch: 
         r = await client.get("/metrics")
         assert (await client.get("/api/data")).status_code == 200
     assert r.status_code == 501
-    assert "pip install 'rateguard[prometheus]'" in r.text
+    assert "pip install 'fastapi-rateguard[prometheus]'" in r.text
     await app.state.store.close()
 
 
