@@ -91,9 +91,11 @@ def _route_name(route: Any, scope: Any, limits: RequestLimits) -> str:
     suffix = template
     convertors = getattr(route, "param_convertors", None)
     if convertors:
+        # The route's own part of this path: its path_format with the parameters put back (what
+        # url_path_for does, without its checks: this runs on every request to the route).
         params = scope.get("path_params", {})
         try:
-            suffix = str(route.url_path_for(route.name, **{k: params[k] for k in convertors}))
+            suffix = route.path_format.format_map({k: c.to_string(params[k]) for k, c in convertors.items()})
         except Exception:  # not this route's parameters: name it by its template alone
             suffix = ""
     prefix = path[: len(path) - len(suffix)] if suffix and path.endswith(suffix) else ""
