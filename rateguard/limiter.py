@@ -50,7 +50,13 @@ class RequestLimits:
     )
 
     def __init__(
-        self, store: Store | None, registry: AppLimits | None, fields: Headers, guarded: bool
+        self,
+        store: Store | None,
+        registry: AppLimits | None,
+        fields: Headers,
+        guarded: bool,
+        claim: str | None = None,
+        root_path: str = "",
     ) -> None:
         self.store = store  # the outermost RateGuard's: limit()s without store= use it
         self.registry = registry
@@ -58,8 +64,8 @@ class RequestLimits:
         self.guarded = guarded  # a RateGuard renders the headers (else each limit() does)
         self.applied: list[Applied] = []
         self.taken: list[tuple[Store, str, Sequence[tuple[str, Rule]], int]] = []
-        self.claims: list[str] = []
-        self.root_path: str = ""
+        self.claims: list[str] = [] if claim is None else [claim]  # limit names, in the order they ran
+        self.root_path = root_path  # where the first limit saw the request: a mount is what comes after
         self.refusal: Verdict | None = None  # what refused the request, and its message
         self.message = ""
 

@@ -17,7 +17,6 @@ from typing import Any, Literal, Unpack, cast
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from rateguard.bucket import Decision
 from rateguard.checks import is_preflight, rewritten_by_server, warn_once, worker_processes
 from rateguard.errors import ConfigurationError, StoreError
 from rateguard.headers import (
@@ -32,7 +31,7 @@ from rateguard.headers import (
 from rateguard.identity import encode_identifier
 from rateguard.limiter import SCOPE_KEY, Planner, RequestLimits, ShadowLog, decide
 from rateguard.policy import OPTION_NAMES, CommonOptions, LimitOptions, Policy, check_option_names
-from rateguard.registry import ALLOWED, LIMITED, AppLimits
+from rateguard.registry import ALLOWED, DEGRADED, LIMITED, AppLimits
 from rateguard.stores import Store
 from rateguard.stores.memory import MemoryStore
 
@@ -103,15 +102,19 @@ class RateGuard:
         self.name = policy.name or "global"
         self._explicit = policy.name is not None
         self._fields = policy.headers
-        self._render: Callable[[list[Applied]], list[tuple[bytes, bytes]]] = (
-            render_all if self._fields is True else partial(render, fields=self._fields)
+        self._render: Callable[[list[Applied]], list[tuple[bytes, bytes]]] | None = (
+            render_all
+            if self._fields is True
+            else None
+            if self._fields is False
+            else partial(render, fields=self._fields)
         )
         self._planner = Planner()
         self._shadow = ShadowLog()
         self._app: Any = None  # the Starlette app of the last request, and its registry
         self._registry: AppLimits | None = None
         self._plain: bool | None = None  # decided on the first request: the mode is known then
-        self._single: Any = None  # the plain path's (bucket, rule), header, counts
+        self._single: Any = None  # the common path's (bucket, rule), header, counts, buckets, registry
         self._cost = policy.cost if isinstance(policy.cost, int) else 1
         # MemoryStore decides without awaiting; calling it directly saves a coroutine per request.
         self._take_now = self.store.take_now if type(self.store) is MemoryStore else None
@@ -161,11 +164,11 @@ class RateGuard:
         limits: RequestLimits | None = scope.get(SCOPE_KEY)
         outermost = limits is None
         if limits is None:
+            app = scope.get("app")
+            registry = self._registry if app is self._app and app is not None else self._registry_of(scope)
             limits = scope[SCOPE_KEY] = RequestLimits(
-                self.store, self._registry_of(scope), self._fields, True
+                self.store, registry, self._fields, True, self.name, scope.get("root_path", "")
             )
-            limits.root_path = scope.get("root_path", "")
-            limits.claims.append(self.name)
             base = self.name
         else:
             base = self._inner_name(scope, limits)
@@ -174,19 +177,33 @@ class RateGuard:
         if scope["method"] == "OPTIONS" and is_preflight(scope):
             send = self._watch_preflight(send)
 
-        if self._plain is None:
-            self._plain = (
-                not self.policy.needs_connection
-                and self.policy.mode == "enforce"
-                and len(self.policy.rules) == 1
-            )
         try:
-            if self._plain and outermost:
-                # No user callables, one rule, the first limit of the request: no Request object,
-                # no awaits but the store's.
-                decision = await self._take_plain(scope, limits)
+            single = self._single
+            if single is not None and outermost and single[4] is limits.registry:
+                # The common case, written out: one rule, no user callables, the first limit of the
+                # request. No Request object, no coroutine but the store's (none for MemoryStore).
+                (bucket, rule), header, counts, buckets, _ = single
+                try:
+                    client = self._keys[scope["client"][0]]  # type: ignore[index]
+                except (KeyError, TypeError, IndexError):  # not seen yet, or no peer, or no cache
+                    client = self._client_key(scope)
+                take_now = self._take_now
+                if take_now is not None:
+                    decision = take_now(client, bucket, rule, self._cost)
+                else:
+                    decision = await self.store.take(client, bucket, rule, self._cost)
+                limits.applied.append((header, decision))
+                if decision.degraded:
+                    counts[DEGRADED] += 1
+                elif decision.allowed:
+                    counts[ALLOWED] += 1
+                    limits.taken.append((self.store, client, buckets, self._cost))
+                else:
+                    counts[LIMITED] += 1
+                    if limits.registry is not None:
+                        limits.registry.limited.add(client, bucket)  # the rare path: the dashboard's top-k
                 if not decision.allowed:
-                    await self._reject(limits, outermost, send)
+                    await self._reject(limits, True, send)
                     return
             else:
                 conn = Request(scope, receive) if self.policy.needs_connection else None
@@ -201,6 +218,8 @@ class RateGuard:
                     conn,
                     limits,
                 )
+                if outermost:
+                    self._settle(limits)  # later requests of this app take the common path, if they can
                 if verdict is not None and not verdict.allowed:
                     await self._reject(limits, outermost, send)
                     return
@@ -215,23 +234,16 @@ class RateGuard:
             return
 
         applied = limits.applied
-        render_fields = self._render if self._fields is not False else None
+        render_fields = self._render
         replacing = False
 
         async def send_with_headers(message: Message) -> None:
             nonlocal replacing
             if message["type"] == "http.response.start":
-                if limits.refusal is not None:  # a limit() refused
-                    if message["status"] == 429 and self._renders_refusals(scope):
-                        replacing = True  # FastAPI's default {"detail"} body: send RateGuard's own
-                        await self._reject(limits, True, send, limits.message)
+                if limits.refusal is not None:  # a limit() refused: the rare path
+                    replacing = await self._refused_start(scope, message, limits, send)
+                    if replacing:
                         return
-                    # Its exception carried the fields too: send them once.
-                    message["headers"] = [
-                        h for h in message.get("headers", ()) if h[0].lower() not in _RATE_LIMIT_FIELDS
-                    ]
-                    if render_fields is None:
-                        message["headers"] += render(applied, False)
                 if render_fields is not None and applied:
                     message["headers"] = [*message.get("headers", ()), *render_fields(applied)]
             elif replacing:
@@ -239,6 +251,30 @@ class RateGuard:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _settle(self, limits: RequestLimits) -> None:
+        """After a request on the general path: prepare the common path if it applies (one rule,
+        no user callables, enforce mode; the mode is known once a request has been decided)."""
+        policy = self.policy
+        if self._plain is None:
+            self._plain = not policy.needs_connection and policy.mode == "enforce" and len(policy.rules) == 1
+        if self._plain:
+            plan = self._planner.plan(
+                policy, self.store, limits.registry, self.name, policy.rules, "every request"
+            )
+            self._single = (plan.single, plan.headers[0], plan.counts[0], plan.buckets, limits.registry)
+
+    async def _refused_start(self, scope: Scope, message: Message, limits: RequestLimits, send: Send) -> bool:
+        """A limit() refused: send RateGuard's own 429 if the app would answer FastAPI's default
+        (True: the app's response is dropped), else send its fields once, not twice."""
+        if message["status"] == 429 and self._renders_refusals(scope):
+            await self._reject(limits, True, send, limits.message)
+            return True
+        # Its exception carried the fields too: they are sent once, from here.
+        message["headers"] = [h for h in message.get("headers", ()) if h[0].lower() not in _RATE_LIMIT_FIELDS]
+        if self._fields is False:
+            message["headers"] += render(limits.applied, False)
+        return False
 
     def _renders_refusals(self, scope: Scope) -> bool:
         """Whether a limit()'s 429 would get FastAPI's default body: the app has no handler of its own.
@@ -254,37 +290,6 @@ class RateGuard:
         plain = isinstance(handlers, dict) and _only_default_handlers(handlers)
         self._default_handlers = (app, plain)
         return plain
-
-    async def _take_plain(self, scope: Scope, limits: RequestLimits) -> Decision:
-        single = self._single
-        if single is None or limits.registry is not self._registry:
-            plan = self._planner.plan(
-                self.policy, self.store, limits.registry, self.name, self.policy.rules, "every request"
-            )
-            single = self._single = (plan.single, plan.headers[0], plan.counts[0], plan.buckets)
-        bucket_rule, header, counts, buckets = single
-        try:
-            client = self._keys[scope["client"][0]]  # type: ignore[index]
-        except (KeyError, TypeError, IndexError):  # not seen yet, or no peer, or no cache
-            client = self._client_key(scope)
-        if self._take_now is not None:
-            decision = self._take_now(client, bucket_rule[0], bucket_rule[1], self._cost)
-        else:
-            decision = await self.store.take(client, bucket_rule[0], bucket_rule[1], self._cost)
-        if decision.degraded:
-            counts[2] += 1
-        elif decision.allowed:
-            counts[ALLOWED] += 1
-        else:
-            counts[LIMITED] += 1
-        limits.applied.append((header, decision))
-        if decision.allowed:
-            limits.taken.append((self.store, client, buckets, self._cost))
-        else:
-            registry = limits.registry
-            if registry is not None:
-                registry.limited.add(client, self.name)  # the rare path: feeds the dashboard's top-k
-        return decision
 
     def _inner_name(self, scope: Scope, limits: RequestLimits) -> str:
         """This RateGuard's name behind another limit: ``global /v2`` inside a mount at /v2."""
