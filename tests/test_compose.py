@@ -503,3 +503,18 @@ async def test_mounted_plain_starlette_app_with_rateguard_and_limits_in_fastapi(
     app = Starlette(routes=[Mount("/s", sub)])
     async with client_for(app) as client:
         assert await codes(client, "/s/x", 2) == [200, 429]
+
+
+async def test_header_values_are_valid_structured_fields_whatever_the_name() -> None:
+    app = FastAPI()
+    app.get("/u", dependencies=[Depends(limit(5, name='über "straße" 100%'))])(lambda: {"ok": True})
+    async with client_for(app) as client:
+        r = await client.get("/u")
+    policy = r.headers["ratelimit-policy"]
+    assert policy == '"%C3%BCber \\"stra%C3%9Fe\\" 100%25";q=5;w=60'
+    assert policy.isascii() and all(" " <= c <= "~" for c in policy)
+    # Every integer of the fields has at most 15 digits: rules are bounded when they are made.
+    with pytest.raises(ConfigurationError, match="15 digits"):
+        Rule(1, capacity=10**15)
+    with pytest.raises(ConfigurationError, match="longer than"):
+        Rule(1e-14, capacity=100)
