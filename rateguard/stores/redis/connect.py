@@ -226,6 +226,20 @@ def from_options(
         )
     if service_name is not None and sentinels is None:
         raise ConfigurationError("service_name= goes with sentinels=")
+    if url is not None or client is not None:
+        ignored = [
+            n
+            for n, v, default in (("db", db, 0), ("username", username, None), ("password", password, None))
+            if v != default
+        ] + (["ssl"] if ssl else [])
+        if ignored:
+            names = " and ".join(n + "=" for n in ignored)
+            if url is not None:
+                raise ConfigurationError(
+                    f"{names} can't go with url=: put them in the url, "
+                    "redis://username:password@host:6379/0 (rediss:// for TLS)"
+                )
+            raise ConfigurationError(f"{names} can't go with client=: the client you made carries them")
     connect_timeout = _seconds("connect_timeout", connect_timeout)
     if client is not None:
         if not hasattr(client, "evalsha") or not hasattr(client, "pipeline"):
