@@ -92,6 +92,8 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._on_lost = on_lost
+        # Set on a subscribed connection: replies no command waits for (pushes) go here.
+        self.on_push: Callable[[Any], None] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -106,6 +108,10 @@ class Connection(asyncio.Protocol):
             reply = reader.gets()
             while reply is not False:
                 if not waiting:
+                    if self.on_push is not None:
+                        self.on_push(reply)
+                        reply = reader.gets()
+                        continue
                     raise ConnectionLost(
                         f"{self.address}: a reply nobody asked for; the connection is out of step"
                     )
@@ -188,17 +194,18 @@ async def open_connection(
             hello.append(("PING",))  # a server that needs a password answers this NOAUTH
             replies = await asyncio.gather(*conn.call(*hello), return_exceptions=True)
     except BaseException as exc:
+        connected = conn.transport is not None
         conn.close()
         if isinstance(exc, asyncio.CancelledError):
             raise
-        raise connect_error(address, settings, exc) from None
+        raise connect_error(address, settings, exc, connected=connected) from None
     for command, reply in zip(hello, replies, strict=True):
+        if isinstance(reply, ReplyError):  # an error reply (hiredis gives it as a value)
+            conn.close()
+            raise StoreError(f"Redis at {address}: {describe_reply_error(str(reply), command, settings)}")
         if isinstance(reply, BaseException):
             conn.close()
             raise connect_error(address, settings, reply) from None
-        if isinstance(reply, ReplyError):
-            conn.close()
-            raise StoreError(f"Redis at {address}: {describe_reply_error(str(reply), command, settings)}")
     return conn
 
 
@@ -224,20 +231,25 @@ def describe_reply_error(text: str, command: Command, settings: Settings) -> str
     head = text.split(" ", 1)[0]
     if head == "NOAUTH":
         return (
-            "Redis needs a password: give password= (and username= for an ACL user), or put it in the "
+            "it needs a password: give password= (and username= for an ACL user), or put it in the "
             "URL: redis://:password@host:6379/0"
         )
     if head == "WRONGPASS" or "invalid password" in text or "invalid username-password" in text:
-        return "wrong password (or username) for Redis: check password= / username= or the URL"
+        return "wrong password, or no such user: check password= and username=, or the URL"
     if command and command[0] == "AUTH" and "without any password configured" in text:
-        return "a password was given, but this Redis has none: leave password= out"
+        return "a password was given, but it has none set: leave password= out"
     if command and command[0] == "SELECT":
-        return f"no such database: db {settings.db} (Redis has 16 by default, 0 to 15): {text}"
+        return (
+            f"no such database: db {settings.db} (a server has 16 by default, 0 to 15; its "
+            f"'databases' setting says how many): {text}"
+        )
     return text
 
 
-def connect_error(address: Address, settings: Settings, exc: BaseException) -> StoreError:
-    """A failure to connect, said in words."""
+def connect_error(
+    address: Address, settings: Settings, exc: BaseException, *, connected: bool = False
+) -> StoreError:
+    """A failure to connect, said in words (``connected``: the TCP/TLS connection was made)."""
     if isinstance(exc, socket.gaierror):
         return StoreError(f"Redis at {address}: no such host ({address.host!r} does not resolve)")
     if isinstance(exc, ConnectionRefusedError):
@@ -250,13 +262,18 @@ def connect_error(address: Address, settings: Settings, exc: BaseException) -> S
             "use redis:// instead of rediss://"
         )
     if isinstance(exc, TimeoutError):
-        hint = (
-            "; if that port speaks TLS, use rediss://"
-            if settings.ssl is None
-            else "; if that port speaks plain Redis, use redis:// instead of rediss://"
-        )
+        ms = f"{settings.connect_timeout * 1000:.0f} ms"
+        if connected:
+            hint = "; if that port speaks TLS, use rediss://" if settings.ssl is None else ""
+            return StoreError(f"Redis at {address}: connected, but no answer within {ms}{hint}")
+        if settings.ssl is not None:
+            return StoreError(
+                f"Redis at {address}: no TLS handshake within {ms}; if that port speaks plain Redis, "
+                "use redis:// instead of rediss://"
+            )
         return StoreError(
-            f"Redis at {address}: no answer within {settings.connect_timeout * 1000:.0f} ms{hint}"
+            f"Redis at {address}: could not connect within {ms} (is the host up and the port open? "
+            "a far server needs a longer connect_timeout=)"
         )
     if isinstance(exc, ConnectionLost | ConnectionResetError | BrokenPipeError):
         hint = "; if that port speaks TLS, use rediss://" if settings.ssl is None else ""
