@@ -10,6 +10,11 @@ the middleware, the endpoint), the response's bytes. It runs under
 
     python -m benchmarks.instructions                       # the default variants, N = 1000
     python -m benchmarks.instructions --variants none,rateguard-memory --requests 2000
+    python -m benchmarks.instructions --keys 100000 --variants keyed-floor-memory,keyed-rateguard-memory
+
+``--keys N`` measures the growth runs' keyed variants as `benchmarks.scale` serves them: every
+request carries an ``x-api-key`` from the same walk over N keys, each app starts with the N
+buckets made (its lifespan runs first), and the reference is ``keyed-none``.
 
 Not counted: the kernel (socket reads and writes, epoll), which every real request also pays, so
 real req/s ratios are closer to 1 than the instruction ratios. Redis variants are left out: most
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.variants import BY_NAME, Variant
+from benchmarks.variants import BY_NAME, SCALE_BY_NAME, Variant
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -58,6 +63,40 @@ WARMUP = 200  # requests before the count starts: caches filled, the blocked buc
 STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
 COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 DISTS = ("uvicorn", "httptools", "uvloop", "starlette", "fastapi", "pydantic", "slowapi")
+ALL = {**BY_NAME, **SCALE_BY_NAME}
+
+
+def keyed_requests(keys: int, count: int, start: int = 0) -> list[bytes]:
+    """The requests of benchmarks.scale's wrk script: x-api-key from its walk over ``keys`` keys."""
+    from benchmarks.scale import walk_step
+
+    step, i, out = walk_step(keys), keys // 3 + start, []
+    for _ in range(count):
+        i = (i + step) % keys
+        out.append(REQUEST[:-2] + b"x-api-key: k%d\r\n\r\n" % i)
+    return out
+
+
+async def _lifespan_startup(app: Any) -> asyncio.Task[None]:
+    """Run the app's lifespan start-up (a keyed app's prefill) and keep it open."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    started: asyncio.Future[dict[str, Any]] = loop.create_future()
+    await queue.put({"type": "lifespan.startup"})
+
+    async def receive() -> dict[str, Any]:
+        return await queue.get()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"].startswith("lifespan.startup") and not started.done():
+            started.set_result(message)
+
+    scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+    task = loop.create_task(app(scope, receive, send))
+    message = await started
+    if message["type"] != "lifespan.startup.complete":
+        raise SystemExit(f"lifespan start-up failed: {message.get('message')}")
+    return task
 
 
 def log(message: str) -> None:
@@ -110,7 +149,7 @@ def _statuses(transport: FakeTransport) -> list[int]:
     return statuses
 
 
-async def _drive(variant: Variant, count: int) -> None:
+async def _drive(variant: Variant, count: int, keys: int = 0) -> None:
     from uvicorn.config import Config
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     from uvicorn.server import ServerState
@@ -118,8 +157,13 @@ async def _drive(variant: Variant, count: int) -> None:
     from benchmarks import apps
 
     loop = asyncio.get_running_loop()
+    app = apps.build(variant.name)
+    if keys:
+        await _lifespan_startup(app)
+    warm_requests = keyed_requests(keys, WARMUP) if keys else [REQUEST] * WARMUP
+    requests = keyed_requests(keys, count, WARMUP) if keys else [REQUEST] * count
     cfg = Config(
-        apps.build(variant.name),
+        app,
         loop="none",
         http="httptools",
         lifespan="off",
@@ -132,24 +176,24 @@ async def _drive(variant: Variant, count: int) -> None:
     protocol = HttpToolsProtocol(cfg, state, {}, loop)
     protocol.connection_made(transport)  # type: ignore[arg-type]
 
-    async def one() -> None:
+    async def one(request: bytes) -> None:
         transport.waiter = loop.create_future()
-        protocol.data_received(REQUEST)
+        protocol.data_received(request)
         await transport.waiter
         await asyncio.sleep(0)
         if state.tasks:  # the request's task is still going (BaseHTTPMiddleware's task group): finish it
             await asyncio.wait(state.tasks)
 
-    for _ in range(WARMUP):
-        await one()
+    for request in warm_requests:
+        await one(request)
     want = 429 if variant.blocked else 200
     warm = _statuses(transport)
     if len(warm) != WARMUP or warm[-1] != want:
         raise SystemExit(f"{variant.name}: warm-up answered {len(warm)} responses, the last {warm[-1:]}")
     gc.collect()
     gc.freeze()
-    for _ in range(count):
-        await one()
+    for request in requests:
+        await one(request)
     got = _statuses(transport)
     bad = [s for s in got if s != want]
     if len(got) != count or bad:
@@ -158,11 +202,11 @@ async def _drive(variant: Variant, count: int) -> None:
         )
 
 
-def drive(name: str, count: int) -> int:
+def drive(name: str, count: int, keys: int = 0) -> int:
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_drive(BY_NAME[name], count))
+        runner.run(_drive(ALL[name], count, keys))
     return 0
 
 
@@ -180,10 +224,13 @@ class Job:
     error: str | None = None
 
 
-def valgrind_command(valgrind: str, name: str, count: int) -> list[str]:
+def valgrind_command(
+    valgrind: str, name: str, count: int, keys: int = 0, out: str = "/dev/null"
+) -> list[str]:
     return [
-        valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        valgrind, "--tool=callgrind", f"--callgrind-out-file={out}",
         sys.executable, "-m", "benchmarks.instructions", "--drive", name, "--requests", str(count),
+        "--keys", str(keys),
     ]  # fmt: skip
 
 
@@ -194,10 +241,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(10)
 
 
-def run_jobs(jobs: list[Job], valgrind: str, parallel: int, workdir: Path, timeout: float) -> None:
+def run_jobs(
+    jobs: list[Job],
+    valgrind: str,
+    parallel: int,
+    workdir: Path,
+    timeout: float,
+    keys: int = 0,
+    keep: Path | None = None,
+) -> None:
     """Run every job's valgrind, ``parallel`` at a time; fill in its count of instructions or its
-    error. Every child is killed in a `finally`."""
+    error. Every child is killed in a `finally`. ``keep``: a directory for callgrind's output
+    files, for `callgrind_annotate` (else they are not written)."""
     env = dict(os.environ, PYTHONHASHSEED="0", BENCH_VARIANT="none")  # apps.py builds one app on import
+    env["BENCH_PREFILL"] = str(keys)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     waiting = list(jobs)
     running: list[tuple[Job, float]] = []
@@ -208,8 +265,11 @@ def run_jobs(jobs: list[Job], valgrind: str, parallel: int, workdir: Path, timeo
                 job.log = workdir / f"{job.variant.name}-{job.count}.log"
                 with job.log.open("wb") as out:
                     # cwd is a scratch directory: a peer that reads ./.env (slowapi does) finds none.
+                    out_file = (
+                        str(keep / f"callgrind.{job.variant.name}.{job.count}") if keep else "/dev/null"
+                    )
                     job.proc = subprocess.Popen(
-                        valgrind_command(valgrind, job.variant.name, job.count),
+                        valgrind_command(valgrind, job.variant.name, job.count, keys, out_file),
                         env=env,
                         cwd=workdir,
                         stdout=out,
@@ -277,17 +337,25 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def markdown(rows: list[Row], count: int, notes: list[str]) -> str:
-    base = next((r.per_request for r in rows if r.variant.name == "none"), None)
+def markdown(rows: list[Row], count: int, notes: list[str], keys: int = 0) -> str:
+    reference = "keyed-none" if keys else "none"
+    base = next((r.per_request for r in rows if r.variant.name == reference), None)
+    clients = (
+        f" Each request carries an `x-api-key` from a walk over {keys:,} keys (the growth runs' wrk "
+        f"script), and each app started with those {keys:,} buckets made."
+        if keys
+        else ""
+    )
     lines = [
-        f"# Instructions per request, {dt.date.today().isoformat()}",
+        f"# Instructions per request, {dt.date.today().isoformat()}"
+        + (f", {keys:,} clients" if keys else ""),
         "",
         f"CPU instructions of the whole in-process server path of one keep-alive `GET /`, counted by "
         f"`valgrind --tool=callgrind`: uvicorn's `HttpToolsProtocol` on a fake transport (httptools "
         f"parsing, the ASGI app, the response's bytes), on uvloop, after {WARMUP} warm-up requests and "
         f"`gc.freeze()`. Per variant, (Ir({count} requests) - Ir(0 requests)) / {count}: start-up and "
         "imports cancel, and the count is the same from one run to the next, where HTTP figures here "
-        "move by ±20-30%. Every response is checked (200, or 429 for the blocked variant).",
+        "move by ±20-30%. Every response is checked (200, or 429 for the blocked variant)." + clients,
         "",
         "| variant | instructions/request | + vs no limiter | ratio = none / variant |",
         "|---|--:|--:|--:|",
@@ -302,7 +370,7 @@ def markdown(rows: list[Row], count: int, notes: list[str]) -> str:
             continue
         added = (
             "—"
-            if r.variant.name == "none"
+            if r.variant.name == reference
             else f"{r.per_request - base:+,.0f} ({r.per_request / base - 1:+.1%})"
         )
         lines.append(f"| {label} | {r.per_request:,.0f} | {added} | {base / r.per_request:.2f} |")
@@ -315,7 +383,8 @@ def markdown(rows: list[Row], count: int, notes: list[str]) -> str:
         "",
         f"- {versions()}",
         f"- `PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null python -m "
-        f"benchmarks.instructions --drive <variant> --requests <0 or {count}>`",
+        f"benchmarks.instructions --drive <variant> --requests <0 or {count}> --keys {keys}`"
+        + (f" with `BENCH_PREFILL={keys}`" if keys else ""),
     ]
     if notes:
         lines += ["", "## Notes", ""]
@@ -351,6 +420,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=RESULTS, help="directory for instructions.md (benchmarks/results)"
     )
+    parser.add_argument(
+        "--keys",
+        type=int,
+        default=0,
+        help="clients: requests carry x-api-key from a walk over this many keys, apps start with their "
+        "buckets (keyed-* variants; the reference is keyed-none). Writes instructions-<keys>-keys.md",
+    )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep callgrind's output files here, for callgrind_annotate (else /dev/null)",
+    )
     parser.add_argument("--drive", metavar="VARIANT", help=argparse.SUPPRESS)  # the run under valgrind
     args = parser.parse_args(argv)
     if args.requests < 1 and args.drive is None:
@@ -363,7 +444,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.drive is not None:
-        return drive(args.drive, args.requests)
+        return drive(args.drive, args.requests, args.keys)
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         print(VALGRIND_HELP, file=sys.stderr)
@@ -374,15 +455,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = args.variants.split(",")
     else:
         names = [*DEFAULT_VARIANTS, *(n for n in IF_INSTALLED if not BY_NAME[n].missing())]
-    unknown = [n for n in names if n not in BY_NAME]
+    unknown = [n for n in names if n not in ALL]
     if unknown:
-        print(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}", file=sys.stderr)
+        print(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(ALL)}", file=sys.stderr)
         return 2
-    if "none" not in names:
-        names.insert(0, "none")
+    reference = "keyed-none" if args.keys else "none"
+    if reference not in names:
+        names.insert(0, reference)
     variants: list[Variant] = []
     for name in dict.fromkeys(names):
-        v = BY_NAME[name]
+        v = ALL[name]
         why = None
         if v.redis:
             why = "needs Redis, whose work callgrind does not see"
@@ -407,7 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="rateguard-instructions-"))
     started = time.monotonic()
     try:
-        run_jobs(jobs, valgrind, args.parallel, workdir, args.timeout)
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        run_jobs(jobs, valgrind, args.parallel, workdir, args.timeout, args.keys, args.keep)
     except KeyboardInterrupt as exc:
         log(f"interrupted: {exc!r}")
         return 130
@@ -426,9 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             rows.append(Row(v, (full.instructions - zero.instructions) / args.requests))
 
-    text = markdown(rows, args.requests, notes)
+    text = markdown(rows, args.requests, notes, args.keys)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "instructions.md"
+    path = args.out / ("instructions.md" if not args.keys else f"instructions-{args.keys}-keys.md")
     path.write_text(text, encoding="utf-8")
     log("")
     log(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -157,8 +158,9 @@ def _one(key: str) -> Callable[[dict[str, Any]], float | None]:
     return lambda r: r["one"][key] if r.get("one") else None
 
 
-def summarize(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Summary]:
-    base = rounds.get("none", [])
+def summarize(rounds: dict[str, list[dict[str, Any]]], none: str = "none") -> dict[str, Summary]:
+    """Per variant: medians over its rounds, and ratios to ``none`` (the no-limiter) in the same round."""
+    base = rounds.get(none, [])
     out: dict[str, Summary] = {}
     for name, rs in rounds.items():
         ok = _ok(rs)
@@ -300,6 +302,104 @@ def targets(
         )
     )
     return out
+
+
+def paired_ratio(rounds: dict[str, list[dict[str, Any]]], a: str, b: str, key: str = "rps") -> float | None:
+    """Median over the rounds both ran of a's value / b's (req/s at 32 connections by default)."""
+    if a not in rounds or b not in rounds:
+        return None
+    return _med([x / y for x, y in paired(rounds[a], rounds[b], _load(key)) if y > 0])
+
+
+def paired_added(rounds: dict[str, list[dict[str, Any]]], a: str, b: str) -> float | None:
+    """Median over rounds of a's time per request at one connection minus b's, in microseconds."""
+    if a not in rounds or b not in rounds:
+        return None
+    return _med([1e6 / x - 1e6 / y for x, y in paired(rounds[a], rounds[b], _one("rps")) if x > 0 and y > 0])
+
+
+def growth_targets(
+    rounds: dict[str, list[dict[str, Any]]], s: dict[str, Summary], ping_rtt_us: float | None = None
+) -> list[Target]:
+    """The targets of issue 16 (and issue 13's before/after) that the one-key run measures."""
+
+    def at_least(number: str, text: str, value: float | None, floor: float, context: str = "") -> Target:
+        return Target(
+            number, text, _fmt(value, ".2f", "x"), None if value is None else value >= floor, context
+        )
+
+    def x_none(name: str) -> str:
+        sm = s.get(name)
+        return "" if sm is None or sm.ratio is None else f"{sm.ratio:.2f}x no limiter"
+
+    def added(name: str) -> str:
+        sm = s.get(name)
+        return "" if sm is None or sm.one_added_us is None else f"+{sm.one_added_us:.1f} us"
+
+    out = [
+        at_least(
+            "1",
+            "rateguard memory req/s >= 0.97x floor-memory, one client",
+            paired_ratio(rounds, "rateguard-memory", "floor-memory"),
+            0.97,
+            f"floor-memory: {x_none('floor-memory')}; rateguard memory: {x_none('rateguard-memory')}",
+        ),
+        at_least(
+            "2",
+            "rateguard Redis req/s >= 0.95x floor-redis, 32 connections",
+            paired_ratio(rounds, "rateguard-redis", "floor-redis"),
+            0.95,
+            f"floor-redis: {x_none('floor-redis')}; rateguard Redis: {x_none('rateguard-redis')}",
+        ),
+    ]
+    over = paired_added(rounds, "rateguard-redis", "floor-redis")
+    ping = "" if ping_rtt_us is None else f"; one bare PING round trip: {ping_rtt_us:.1f} us"
+    out.append(
+        Target(
+            "2",
+            "rateguard Redis added latency at one connection <= floor-redis's + 20 us",
+            _fmt(over, "+.1f", " us over floor-redis"),
+            None if over is None else over <= 20,
+            f"floor-redis: {added('floor-redis')}; rateguard Redis: {added('rateguard-redis')}{ping}",
+        )
+    )
+    out.append(
+        at_least(
+            "7",
+            "all clients blocked: Redis-backed 429s/s >= 0.9x memory-backed",
+            paired_ratio(rounds, "rateguard-redis-blocked", "rateguard-memory-blocked"),
+            0.9,
+        )
+    )
+    # Issue 13: the rewritten RedisStore against the one before it, same harness, same run.
+    out.append(
+        at_least(
+            "13",
+            "rateguard Redis req/s at 32 connections >= 0.98x before the rewrite (6d6b562)",
+            paired_ratio(rounds, "rateguard-redis", "rateguard-redis-before"),
+            0.98,
+            f"before: {x_none('rateguard-redis-before')}; now: {x_none('rateguard-redis')}",
+        )
+    )
+    faster = paired_added(rounds, "rateguard-redis", "rateguard-redis-before")
+    out.append(
+        Target(
+            "13",
+            "rateguard Redis added latency at one connection <= before the rewrite's + 5 us",
+            _fmt(faster, "+.1f", " us vs before"),
+            None if faster is None else faster <= 5,
+            f"before: {added('rateguard-redis-before')}; now: {added('rateguard-redis')}",
+        )
+    )
+    return out
+
+
+def target_table(tg: list[Target]) -> list[str]:
+    lines = ["| # | target | measured | result | floor, same run |", "|---|---|--:|---|---|"]
+    for t in tg:
+        result = "not measured" if t.passed is None else ("PASS" if t.passed else "**FAIL**")
+        lines.append(f"| {t.number} | {t.text} | {t.measured} | {result} | {t.floor} |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,7 +571,18 @@ def markdown(
                     )
         add("")
 
-    tg = targets(rounds, s, ping_rtt_us)
+    add("## Targets (issue 16, one client; the growth targets are in scale-latest.md)")
+    add("")
+    add(
+        "Each ratio is the median over rounds of the two variants' req/s in the same round; each "
+        "latency difference, the median over rounds of their times per request at one connection. "
+        "*floor, same run*: the minimal references measured in the same rounds. Issue 13 compares "
+        "the rewritten RedisStore with the one before it (`rateguard-redis-before`: commit 6d6b562, "
+        "extracted from git, the same app and harness)."
+    )
+    add("")
+    lines.extend(target_table(growth_targets(rounds, s, ping_rtt_us)))
+    add("")
     add("## Targets (issue 5)")
     add("")
     add(
@@ -481,11 +592,7 @@ def markdown(
         "PING round trip to the same redis-server from the server's CPU."
     )
     add("")
-    add("| # | target | measured | result | floor, same run |")
-    add("|---|---|--:|---|---|")
-    for t in tg:
-        result = "not measured" if t.passed is None else ("PASS" if t.passed else "**FAIL**")
-        add(f"| {t.number} | {t.text} | {t.measured} | {result} | {t.floor} |")
+    lines.extend(target_table(targets(rounds, s, ping_rtt_us)))
     add("")
 
     add("## Machine and versions")
@@ -655,4 +762,22 @@ def write(
         )
         (out / name).write_text(text, encoding="utf-8")
         written.append(out / name)
+    # Every figure, for summary.md (python -m benchmarks.summary) and for later reading.
+    raw = {
+        "mode": opts.mode,
+        "date": date,
+        "variants": [v.name for v in variants],
+        "labels": {v.name: v.label for v in variants},
+        "rounds": rounds,
+        "store": store,
+        "ceiling": ceiling,
+        "meta": meta,
+        "notes": notes,
+        "connections": opts.connections,
+    }
+    (out / "latest.json").write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
+    written.append(out / "latest.json")
+    from benchmarks import summary  # the README's fragment, from this run and the last growth run
+
+    written.extend(summary.write(out))
     return written

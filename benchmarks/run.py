@@ -58,9 +58,9 @@ def log(message: str) -> None:
 @dataclass
 class Options:
     # Many short rounds rather than a few long ones: the machine drifts by +-20-30% over minutes,
-    # so a ratio is only as good as the time between the two runs it divides. 14 default variants
-    # x (2 s + 1 s) is about 44 s a round; 10 rounds, start-up and the store bench take about
-    # 8 minutes, inside the 10 the issue allows.
+    # so a ratio is only as good as the time between the two runs it divides. 15 default variants
+    # x (2 s + 1 s) is about 47 s a round; 10 rounds, start-up and the store bench take about
+    # 9 minutes, inside the 10 the issue allows (the growth runs are `benchmarks.scale`).
     rounds: int = 10
     # wrk takes whole seconds.
     duration: int = 2  # each measured run at `connections`
@@ -244,10 +244,11 @@ def pinning(enabled: bool) -> Pinning:
 class RedisServer:
     """A private redis-server: no persistence, a free port, a temporary directory."""
 
-    def __init__(self, children: Children, workdir: Path, prefix: list[str]) -> None:
+    def __init__(self, children: Children, workdir: Path, prefix: list[str], databases: int = 16) -> None:
         self.children = children
         self.workdir = workdir
         self.prefix = prefix
+        self.databases = databases
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.client = redis_py.Redis(port=self.port)
@@ -257,7 +258,7 @@ class RedisServer:
         return self.url_db(0)
 
     def url_db(self, db: int) -> str:
-        """The URL of one of the server's numbered databases (0 to 15)."""
+        """The URL of one of the server's numbered databases (0 to ``databases`` - 1)."""
         return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self) -> None:
@@ -265,7 +266,8 @@ class RedisServer:
         assert binary is not None
         self.proc = self.children.start(
             [*self.prefix, binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")],
+             "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log"),
+             "--databases", str(self.databases)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -343,23 +345,28 @@ def parse_wrk(output: str) -> Wrk:
     )
 
 
-def wrk_command(url: str, connections: int, seconds: int, prefix: list[str]) -> list[str]:
+def wrk_command(
+    url: str, connections: int, seconds: int, prefix: list[str], script: Path | None = None, threads: int = 1
+) -> list[str]:
     wrk = shutil.which("wrk") or "wrk"
     return [
         *prefix,
         wrk,
-        "-t1",
+        f"-t{threads}",
         f"-c{connections}",
         f"-d{seconds}s",
         "--latency",
         "--timeout",
         "5s",
+        *(["-s", str(script)] if script is not None else []),
         url,
     ]
 
 
-def run_wrk(url: str, connections: int, seconds: int, prefix: list[str]) -> Wrk:
-    cmd = wrk_command(url, connections, seconds, prefix)
+def run_wrk(
+    url: str, connections: int, seconds: int, prefix: list[str], script: Path | None = None, threads: int = 1
+) -> Wrk:
+    cmd = wrk_command(url, connections, seconds, prefix, script, threads)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
@@ -430,10 +437,20 @@ class Server:
     port: int
     proc: subprocess.Popen[bytes]
     logfile: Path
+    children: Children | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
+
+    def ready(self, timeout: float = 20.0) -> None:
+        """Wait until it answers; stop it if it never does."""
+        try:
+            wait_ready(self.port, self.proc, self.logfile, timeout)
+        except BaseException:
+            if self.children is not None:
+                self.children.stop(self.proc)
+            raise
 
     @property
     def pid(self) -> int:
@@ -476,25 +493,63 @@ def start_server(
     pin: Pinning,
     redis_url: str | None,
     gc_freeze: bool,
+    extra_env: dict[str, str] | None = None,
+    ready_timeout: float = 20.0,
+    wait: bool = True,
 ) -> Server:
-    """Start the variant's server and wait until it answers; stop it again if it never does."""
+    """Start the variant's server and wait until it answers; stop it again if it never does.
+
+    ``wait=False`` returns at once (several servers then start side by side): `Server.ready` waits.
+    """
     port = free_port()
     env = dict(os.environ, BENCH_VARIANT=variant.name, BENCH_GC_FREEZE="1" if gc_freeze else "0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     if redis_url is not None:
         env["BENCH_REDIS_URL"] = redis_url
-    logfile = workdir / f"{variant.name}.log"
+    if variant.commit is not None:
+        env["BENCH_RATEGUARD_PATH"] = str(extract_commit(variant.commit, workdir))
+    env.update(extra_env or {})
+    logfile = workdir / f"{variant.name}-{port}.log"
     with logfile.open("ab") as logf:
         # cwd is the scratch directory: a peer that reads ./.env (slowapi does) finds none.
         proc = children.start(
             server_command(port, pin.server), env=env, cwd=workdir, stdout=logf, stderr=logf
         )
+    server = Server(variant, port, proc, logfile, children)
+    if wait:
+        server.ready(ready_timeout)
+    return server
+
+
+def commit_available(commit: str) -> bool:
     try:
-        wait_ready(port, proc, logfile)
-    except BaseException:
-        children.stop(proc)
-        raise
-    return Server(variant, port, proc, logfile)
+        found = subprocess.run(
+            ["git", "-C", str(REPO), "cat-file", "-e", f"{commit}^{{commit}}"],
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return found.returncode == 0
+
+
+def extract_commit(commit: str, workdir: Path) -> Path:
+    """rateguard/ as it was at ``commit``, in a directory of the scratch directory (once per run)."""
+    target = workdir / f"rateguard-{commit}"
+    if not (target / "rateguard" / "__init__.py").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", commit, "rateguard"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        if archive.returncode != 0:
+            raise RuntimeError(
+                f"git archive {commit} failed (a shallow clone?): {archive.stderr.decode(errors='replace').strip()}"
+            )
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, timeout=30, check=True)
+    return target
 
 
 def measure(server: Server, opts: Options, pin: Pinning) -> dict[str, Any]:
@@ -637,6 +692,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             why = f"{', '.join(missing)} not installed: pip install -e '.[bench]'"
         elif v.redis and not have_redis:
             why = REDIS_HELP
+        elif v.commit is not None and not commit_available(v.commit):
+            why = f"commit {v.commit} is not in this git checkout (a shallow clone?): git fetch --unshallow"
         else:
             variants.append(v)
             continue

@@ -17,6 +17,8 @@ class Variant:
     redis: bool = False  # needs the harness's redis-server
     blocked: bool = False  # every measured request is answered 429
     default: bool = True  # part of a plain `make bench`
+    commit: str | None = None  # rateguard/ as it was at this commit (extracted by the harness)
+    prefill: bool = False  # its app makes the buckets of BENCH_PREFILL clients at start-up (the growth runs)
 
     def missing(self) -> list[str]:
         return [m for m in self.needs if importlib.util.find_spec(m) is None]
@@ -58,6 +60,14 @@ VARIANTS: tuple[Variant, ...] = (
         "one EVALSHA of rateguard's script per request on a raw asyncio transport, reply parsed in "
         "data_received, plus the same 5 fields: the least any Redis-backed limiter costs",
         redis=True,
+    ),
+    Variant(
+        "rateguard-redis-before",
+        "rateguard Redis, before the rewrite",
+        "RateGuard + RedisStore as they were at commit 6d6b562, before the rewrite (redis-py with its "
+        "own pipelining): the same app and harness on the previous code",
+        redis=True,
+        commit="6d6b562",
     ),
     Variant(
         "rateguard-memory-blocked",
@@ -118,3 +128,135 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 BY_NAME = {v.name: v for v in VARIANTS}
+
+
+# The growth runs (python -m benchmarks.scale). Keyed variants tell clients apart by the x-api-key
+# header that wrk's script sends; every limit is a bucket of 10**9 refilled at one token an hour.
+_KEYED = "keyed by x-api-key, a bucket of 10**9 refilled at one token an hour"
+SCALE_VARIANTS: tuple[Variant, ...] = (
+    Variant(
+        "keyed-none",
+        "no limiter",
+        "the same app, no middleware (the header is sent, not read): the reference for every ratio",
+        default=False,
+    ),
+    Variant(
+        "keyed-floor-memory",
+        "least Python token bucket, 5 fields",
+        f"the dict bucket written inline, {_KEYED} (read from the raw header list), the same 5 fields",
+        default=False,
+        prefill=True,
+    ),
+    Variant(
+        "keyed-rateguard-memory",
+        "rateguard memory",
+        f"RateGuard(rate=Rule(...), identifier=lambda r: r.headers.get('x-api-key')), {_KEYED}, "
+        "MemoryStore(max_keys=2_000_000): every client's bucket is held",
+        default=False,
+        prefill=True,
+    ),
+    Variant(
+        "keyed-rateguard-memory-bounded",
+        "rateguard memory, max_keys=100,000",
+        "the same with MemoryStore's default bound, max_keys=100_000: with more clients it evicts (run "
+        "only where the clients outnumber it)",
+        default=False,
+        prefill=True,
+    ),
+    Variant(
+        "keyed-floor-redis",
+        "least Redis round trip, 5 fields",
+        f"one EVALSHA of rateguard's script per request on a raw asyncio transport, {_KEYED}, the same 5 fields",
+        redis=True,
+        default=False,
+        prefill=True,
+    ),
+    Variant(
+        "keyed-rateguard-redis",
+        "rateguard Redis",
+        f"RateGuard(rate=Rule(...), identifier=lambda r: r.headers.get('x-api-key')), {_KEYED}, RedisStore",
+        redis=True,
+        default=False,
+        prefill=True,
+    ),
+    Variant(
+        "keyed-slowapi-redis",
+        "slowapi Redis",
+        "slowapi Limiter(key_func=<the header>, default_limits=['1000000000/hour']), SlowAPIASGIMiddleware, "
+        "redis:// storage (fixed window)",
+        needs=("slowapi",),
+        redis=True,
+        default=False,
+    ),
+    Variant(
+        "keyed-fastapi-limiter-redis",
+        "fastapi-limiter Redis",
+        "fastapi-limiter RateLimiter(identifier=<the header>); a pyrate-limiter BucketFactory that makes a "
+        "StateBucket + RedisStateStore token bucket per key",
+        needs=("fastapi_limiter", "pyrate_limiter"),
+        redis=True,
+        default=False,
+    ),
+    Variant(
+        "keyed-throttled-redis",
+        "throttled-py Redis",
+        "throttled-py Limiter(per_hour(...), key_func=<the header>).limit(), token bucket, async RedisStore",
+        needs=("throttled",),
+        redis=True,
+        default=False,
+    ),
+    Variant(
+        "rules-memory-1",
+        "memory: limit('100000/second')",
+        "a route limit() of one rule, MemoryStore",
+        default=False,
+    ),
+    Variant(
+        "rules-memory-2",
+        "memory: limit('100000/second', '100000000/day')",
+        "a route limit() of two rules, decided together in one step, MemoryStore",
+        default=False,
+    ),
+    Variant(
+        "rules-memory-global-route",
+        "memory: RateGuard + route limit()",
+        "RateGuard(rate='100000/second') and a route limit('100000000/day'), MemoryStore",
+        default=False,
+    ),
+    Variant(
+        "rules-redis-1",
+        "Redis: limit('100000/second')",
+        "a route limit() of one rule, RedisStore",
+        redis=True,
+        default=False,
+    ),
+    Variant(
+        "rules-redis-2",
+        "Redis: limit('100000/second', '100000000/day')",
+        "a route limit() of two rules, one EVALSHA for both, RedisStore",
+        redis=True,
+        default=False,
+    ),
+    Variant(
+        "rules-redis-global-route",
+        "Redis: RateGuard + route limit()",
+        "RateGuard(rate='100000/second') and a route limit('100000000/day'): two limits, two EVALSHA",
+        redis=True,
+        default=False,
+    ),
+    Variant(
+        "exact-memory",
+        "rateguard memory, limit 1000",
+        "RateGuard(capacity=1000, a near-zero rate, identifier=<the header>), MemoryStore: one bucket per server",
+        default=False,
+    ),
+    Variant(
+        "exact-redis",
+        "rateguard Redis, limit 1000",
+        "RateGuard(capacity=1000, a near-zero rate, identifier=<the header>), RedisStore: one bucket for all servers",
+        redis=True,
+        default=False,
+    ),
+)
+
+SCALE_BY_NAME = {v.name: v for v in SCALE_VARIANTS}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -80,7 +81,10 @@ def test_tiny_run_writes_results(tmp_path: Path) -> None:
         assert _number(latency[1]) > 0
     memory = _row(text, "Store only", "memory")
     assert _number(memory[1]) > 0 and _number(memory[2]) > 0
-    assert "| 1 | RateGuard + MemoryStore req/s >= 0.95x no limiter |" in text  # targets listed
+    assert "| 1 | rateguard memory req/s >= 0.97x floor-memory, one client |" in text  # issue 16's
+    assert "| 1 | RateGuard + MemoryStore req/s >= 0.95x no limiter |" in text  # issue 5's
+    assert json.loads((tmp_path / "latest.json").read_text())["rounds"]["rateguard-memory"]
+    assert "### One client" in (tmp_path / "summary.md").read_text()
 
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
@@ -88,13 +92,56 @@ def test_tiny_run_writes_results(tmp_path: Path) -> None:
     assert _processes_with(token) == [], "the harness left processes running"
 
 
+def test_tiny_scale_run_writes_results(tmp_path: Path) -> None:
+    # The growth runs: wrk's key-walking script, the keyed apps and their prefill, the memory bench.
+    if shutil.which("wrk") is None:
+        if os.environ.get("CI"):
+            pytest.fail("wrk is not installed, and CI must run this test: apt-get install -y wrk")
+        pytest.skip("wrk is not installed: sudo apt-get install -y wrk (Debian/Ubuntu) or brew install wrk")
+    token = f"rateguard-bench-smoke-{uuid.uuid4().hex}"
+    env = dict(os.environ, RATEGUARD_BENCH_SMOKE=token)
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--tiny", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    text = (tmp_path / "scale-latest.md").read_text()
+    for label in ("no limiter", "least Python token bucket, 5 fields", "rateguard memory"):
+        assert _number(_row(text, "Distinct clients", label)[1]) > 0  # x no limiter, 1000 clients
+    # Prefilled: each store holds the 1000 clients (and the readiness check's address), no more.
+    memory = text.split("### Server memory after the runs", 1)[1].split("\n## ", 1)[0]
+    assert memory.count("1,001 buckets") == 2, memory
+    assert _number(_row(text, "Memory per bucket", "MemoryStore, RSS")[1]) > 0
+    assert "| 1 | rateguard memory req/s >= 0.97x floor-memory, 100,000 clients |" in text
+    assert "### Cost against the number of clients" in (tmp_path / "summary.md").read_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "scale-latest.png").read_bytes().startswith(b"\x89PNG")
+    assert _processes_with(token) == [], "the harness left processes running"
+
+
 @pytest.mark.redis
-@pytest.mark.parametrize("reference", ["headers-only", "floor-memory", "floor-redis"])
+@pytest.mark.parametrize(
+    ("reference", "rateguard"),
+    [
+        ("headers-only", "rateguard-memory"),
+        ("floor-memory", "rateguard-memory"),
+        ("floor-redis", "rateguard-memory"),
+        ("keyed-floor-memory", "keyed-rateguard-memory"),
+        ("keyed-floor-redis", "keyed-rateguard-memory"),
+    ],
+)
 async def test_the_reference_variants_send_rateguards_fields(
-    reference: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    reference: str, rateguard: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A reference is only a floor for rateguard if it makes the server do the same header work:
-    # the same five fields, with the same values, on a first request of the benchmark's limits.
+    # the same five fields, with the same values, on a first request of the benchmark's limits
+    # (the growth runs' keyed variants: a bucket of 10**9 refilled at one token an hour).
     from benchmarks import apps
 
     from .helpers import client_for
@@ -103,11 +150,11 @@ async def test_the_reference_variants_send_rateguards_fields(
 
     async def first_fields(variant: str) -> dict[str, str]:
         async with client_for(apps.build(variant)) as client:
-            response = await client.get("/")
+            response = await client.get("/", headers={"x-api-key": f"smoke-{uuid.uuid4().hex}"})
         assert response.status_code == 200 and response.json() == apps.MESSAGE
         return {k: v for k, v in response.headers.items() if "ratelimit" in k}
 
-    expected = await first_fields("rateguard-memory")
+    expected = await first_fields(rateguard)
     assert len(expected) == 5
     try:
         assert await first_fields(reference) == expected
