@@ -19,6 +19,8 @@ from functools import partial
 from importlib.resources import files
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from rateguard.bucket import BucketState, Decision, Rule, new_decision
 from rateguard.errors import ConfigurationError, StoreError
 from rateguard.identity import encode_identifier
@@ -29,15 +31,19 @@ from rateguard.stores.redis.breaker import ON_ERROR, Breaker, OnError
 from rateguard.stores.redis.cluster import SlotMap
 from rateguard.stores.redis.connect import Deployment, cluster_nodes, discover, from_options
 from rateguard.stores.redis.counters import Counters
-from rateguard.stores.redis.deny import DenyCache, ResetListener
+from rateguard.stores.redis.deny import DenyCache, ResetListener, Subscription
 from rateguard.stores.redis.pipeline import PipelineChannel
-from rateguard.stores.redis.wire import Address, round_trip
+from rateguard.stores.redis.subscriber import Subscriber
+from rateguard.stores.redis.wire import Address, ConnectionLost, ReplyError, round_trip
 
 TOKEN_BUCKET_LUA = files("rateguard.stores.redis").joinpath("token_bucket.lua").read_text("utf-8")
 _SCRIPT = TOKEN_BUCKET_LUA.encode("utf-8")
 _SHA = hashlib.sha1(_SCRIPT).hexdigest()
-# close() gives background work this long to end; whatever is left is dropped.
-_CLOSE_WAIT = 0.05
+# close() takes at most this long (plus a loop turn): a last flush of the shared totals and the
+# background tasks get what is left of it after `_CLIENT_CLOSE`, which closing redis-py's clients
+# is always given.
+_CLOSE_WAIT = 0.07
+_CLIENT_CLOSE = 0.02
 
 
 def _seconds(name: str, value: object, hint: str) -> float:
@@ -138,7 +144,9 @@ class RedisStore:
         self._latency = Histogram()
         self._bucket_parts: dict[str, str] = {}
         self._bound: _Bound | None = None
-        self._unbound_client: Any = None  # `client` asked for outside any event loop
+        # `client` asked for outside any event loop: that client (and its Sentinel), which the
+        # loop that uses the store next adopts, and closes with the rest.
+        self._unbound: tuple[Any, Any] | None = None
 
     def __repr__(self) -> str:
         return f"RedisStore({self.where}, prefix={self.prefix!r}, on_error={self.on_error!r})"
@@ -158,13 +166,23 @@ class RedisStore:
 
     @property
     def client(self) -> Any:
-        """A redis-py client on this store's Redis, for commands of your own (this event loop's)."""
+        """A redis-py client on this store's Redis, for commands of your own, in this event loop.
+
+        The store closes it with the loop's other connections (at `close`, or when the loop ends):
+        ask for it again in another loop. Outside any loop, it is the client the next loop to use
+        the store will have.
+        """
         try:
             return self._bind().admin.client
-        except RuntimeError:  # no running loop: one that binds to the loop it is first used in
-            if self._unbound_client is None:
-                self._unbound_client = self.deployment.admin_client(max(self.timeout, 0.1))
-            return self._unbound_client
+        except RuntimeError:  # no running loop
+            if self._unbound is None:
+                sentinel = self._new_sentinel()
+                self._unbound = (self.deployment.admin_client(max(self.timeout, 0.1), sentinel), sentinel)
+            return self._unbound[0]
+
+    def _new_sentinel(self) -> Any:
+        d = self.deployment
+        return d.sentinel(max(self.timeout, 0.1)) if d.kind == "sentinel" else None
 
     @property
     def latency(self) -> Histogram:
@@ -288,7 +306,8 @@ class RedisStore:
 
     def _count(self, allowed: bool, bound: _Bound) -> None:
         self._counters.add(allowed)
-        self._counters.arm(bound.loop, bound.flush_soon)
+        if bound is self._bound:  # not a decision that outlived a close: its loop's timer is gone
+            self._counters.arm(bound.loop, bound.flush_soon)
 
     def _failed(self, exc: BaseException) -> None:
         if self._breaker.failed(exc):
@@ -305,13 +324,16 @@ class RedisStore:
         bound = self._bound
         if bound is not None:
             if bound.loop is loop:
-                return bound
-            if bound.loop.is_running():
+                if not bound.closed:
+                    return bound
+                # Closed by its keeper while the loop goes on (its tasks were all cancelled): anew.
+            elif bound.loop.is_running():
                 raise StoreError(
                     f"{self!r} is in use by an event loop running in another thread; a store serves one "
                     "loop at a time: create one store per event loop (per thread)"
                 )
-            bound.abandon()
+            else:
+                bound.abandon()
         bound = self._bound = _Bound(self, loop)
         return bound
 
@@ -323,12 +345,10 @@ class RedisStore:
         bound, self._bound = self._bound, None
         if bound is None:
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if bound.loop is running:
+        if bound.loop is asyncio.get_running_loop():
             await bound.aclose(flush=True)
+        elif bound.loop.is_running():  # another thread's loop: it closes its own, we don't wait
+            bound.loop.call_soon_threadsafe(bound.spawn_close)
         else:
             bound.abandon()
 
@@ -359,11 +379,20 @@ class RedisStore:
         return await admin.twice(lambda: admin.inspect(client))
 
     async def reset(self, client: str) -> list[str]:
-        admin = self._bind().admin
-        names = await admin.twice(lambda: admin.reset(client, self._channel))
+        bound = self._bind()
+        admin = bound.admin
+        names = await admin.twice(lambda: admin.reset(client))
         # This server too: its cached denials and fallback buckets of that client.
         self._deny.forget_client(f"{self.prefix}{{{client}}}:")
         self._breaker.local.reset_now(client)
+        try:
+            async with asyncio.timeout(_admin_wait(self)):
+                await bound.publish(client)
+        except (StoreError, TimeoutError, RedisError, OSError) as exc:
+            raise StoreError(
+                f"Redis at {self.where} reset {client!r}, but could not tell the other servers' deny "
+                f"caches: {type(exc).__name__}: {exc}"
+            ) from exc
         return names
 
     def _on_reset(self, client: str) -> None:
@@ -410,11 +439,11 @@ class _Bound:
         self.closed = False
         self.tasks: set[asyncio.Task[Any]] = set()
         d = store.deployment
-        client = store._unbound_client
-        store._unbound_client = None
         self.owns_client = d.kind != "client"
-        self.sentinel = d.sentinel(max(store.timeout, 0.1)) if d.kind == "sentinel" else None
-        if client is None:
+        if store._unbound is not None:
+            (client, self.sentinel), store._unbound = store._unbound, None
+        else:
+            self.sentinel = store._new_sentinel()
             client = d.admin_client(max(store.timeout, 0.1), self.sentinel)
         self.admin = Admin(client, store.prefix, store.is_cluster)
         self.slots: SlotMap | None = None
@@ -432,16 +461,27 @@ class _Bound:
             self.slots = SlotMap(seeds, d.settings, lambda a: Channel(self.batcher, _fixed(a)))
         else:
             self.channel = Channel(self.batcher, self._locate)
-        self.listener: ResetListener | None = None
-        if store.deny_cache and hasattr(self.admin.client, "pubsub"):
-            self.listener = ResetListener(
-                self.admin.client, store._channel, store._deny, store._on_reset,
-                lambda keys: store._deny.forget_keys(keys, _head), lambda: store._breaker.backoff,
-                lambda: store.where, max(1.0, store.connect_timeout * 4),
+        # The deny cache's subscription: on rateguard's own connection, or through a client of
+        # yours (its pub/sub; a RedisCluster before redis-py 8 has none: the cache stays off).
+        self.listener: Subscriber | ResetListener | None = None
+        self.subscription: Subscription | None = None
+        if store.deny_cache:
+            self.subscription = subscription = Subscription(
+                store._deny, store._on_reset, lambda keys: store._deny.forget_keys(keys, _head),
+                lambda: store.where,
             )  # fmt: skip
-            self.spawn(self.listener.run())
+            backoff, wait = partial(_resubscribe_after, store), _admin_wait(store)
+            if not isinstance(self.channel, PipelineChannel):
+                self.listener = Subscriber(
+                    self._node, d.settings, store._channel, subscription, backoff, wait
+                )
+            elif hasattr(client, "pubsub"):
+                self.listener = ResetListener(client, store._channel, subscription, backoff, wait)
+            if self.listener is not None:
+                self.spawn(self.listener.run())
         # Kept until the loop ends or the store closes: when a loop runner (asyncio.run, a test's
-        # loop) cancels what is left, this closes the connections while the loop still runs.
+        # loop, anyio's portal) cancels what is left, this closes the connections while the loop
+        # still runs.
         self.keeper = loop.create_task(self._keep())
 
     def _route(self, keys: tuple[str, ...]) -> Channel | None:
@@ -466,11 +506,43 @@ class _Bound:
         assert d.address is not None
         return d.address
 
+    async def _node(self, attempt: int) -> Address:
+        """Where to subscribe: the server, or a Cluster's primaries in turn (PUBLISH reaches all)."""
+        if self.slots is None:
+            return await self._locate()
+        if attempt:
+            await self.slots.load()  # the node we knew failed: the map may have changed
+        addresses = await self.slots.addresses()
+        return addresses[attempt % len(addresses)]
+
     def channels(self) -> list[Channel]:
         if self.channel is not None:
             return [self.channel]
         assert self.slots is not None
         return list(self.slots.channels.values())
+
+    async def publish(self, message: str) -> None:
+        """PUBLISH on the store's reset channel: every server's deny cache hears it."""
+        channel = self.store._channel
+        if isinstance(self.channel, PipelineChannel):
+            if hasattr(self.admin.client, "publish"):  # a RedisCluster before redis-py 8 has none
+                await self.admin.client.publish(channel, message)
+            return
+        for attempt in (1, 2):  # once more on a connection found broken: PUBLISH is safe to repeat
+            if self.slots is not None:
+                [node, *_] = await self.slots.primaries()  # any node: PUBLISH reaches every one
+            else:
+                assert self.channel is not None
+                node = self.channel
+            try:
+                reply = await node.call(("PUBLISH", channel, message))
+            except ConnectionLost:
+                if attempt == 2:
+                    raise
+                continue
+            if isinstance(reply, ReplyError):
+                raise StoreError(f"Redis answered PUBLISH with {reply}")
+            return
 
     def spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -501,55 +573,84 @@ class _Bound:
     async def flush(self) -> None:
         await self.store._counters.flush(self.admin.client)
 
+    def spawn_close(self) -> None:
+        """Close on this loop, in a task of its own (asked from another thread)."""
+        self.loop.create_task(self.aclose(flush=True))
+
     async def _keep(self) -> None:
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
             if not self.closed:
-                await self.aclose(flush=False, from_keeper=True)
+                await self.aclose(flush=False)
             raise
 
-    async def aclose(self, *, flush: bool, from_keeper: bool = False) -> None:
-        """Close on this loop: connections, tasks and timers; within about 50 ms."""
+    async def aclose(self, *, flush: bool) -> None:
+        """Close on this loop: connections, tasks and timers, within `_CLOSE_WAIT` in all."""
         if self.closed:
             return
         self.closed = True
+        deadline = self.loop.time() + _CLOSE_WAIT
         store = self.store
-        store._counters.disarm()
-        if not from_keeper:
-            self.keeper.cancel()
-        if self.listener is not None:
-            self.listener.closing = True
-        self.batcher.close(self.channels())
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(_CLOSE_WAIT):
-                if flush and not store._breaker.degraded:
+        self._stop()
+        if flush and not store._breaker.degraded:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout_at(deadline - _CLIENT_CLOSE):
                     await self.flush()
         tasks = [t for t in self.tasks if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=_CLOSE_WAIT)
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - _CLIENT_CLOSE - self.loop.time()))
         if self.owns_client:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(_CLOSE_WAIT):
-                    await self.admin.client.aclose()
-            if self.sentinel is not None:
-                for s in self.sentinel.sentinels:
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(_CLOSE_WAIT):
-                            await s.aclose()
-        store._deny.live = False
-        store._deny.clear()
+            # Each client closes its sockets as its close begins: a wait of `_CLIENT_CLOSE` at
+            # least lets every close begin, so no connection is left open (ResourceWarning).
+            clients = [self.admin.client, *(self.sentinel.sentinels if self.sentinel is not None else ())]
+            closing = [self.loop.create_task(c.aclose()) for c in clients]
+            await asyncio.wait(closing, timeout=max(_CLIENT_CLOSE, deadline - self.loop.time()))
+            for task in closing:
+                if not task.done():
+                    task.cancel()
+                elif not task.cancelled():
+                    task.exception()  # retrieved: a failed close is no news
 
-    def abandon(self) -> None:
-        """Drop what belongs to a loop that is gone, without touching that loop."""
-        self.closed = True
-        self.store._counters.disarm()  # its timer can never fire: the next loop arms its own
+    def _stop(self) -> None:
+        """What stops at once, on any loop: timers, the subscription, the decision connections."""
+        store = self.store
         if self.listener is not None:
             self.listener.closing = True
-        self.store._deny.live = False
-        self.store._deny.clear()
+        if self.subscription is not None:
+            self.subscription.detached = True
+        if store._bound is None or store._bound is self:  # not if the store serves another loop now
+            store._counters.disarm(cancel=not self.loop.is_closed())
+            store._breaker.probing = False  # a probe of this loop may never finish
+            store._deny.live = False
+            store._deny.clear()
+        if self.loop.is_closed():
+            return  # its tasks and connections went with it
+        if self.keeper is not asyncio.current_task():
+            self.keeper.cancel()
+        self.batcher.close(self.channels())
+        if self.slots is not None:
+            self.slots.close()
+
+    def abandon(self) -> None:
+        """Drop what belongs to a loop that is not running (one that ended), without waiting on it."""
+        self.closed = True
+        self._stop()
+        if not self.loop.is_closed():
+            for task in self.tasks:
+                task.cancel()
+
+
+def _resubscribe_after(store: RedisStore, failures: int) -> float:
+    """The wait before subscribing again: the breaker's back-off, doubled per failure in a row."""
+    return float(min(store.max_backoff, store._breaker.backoff * 2 ** min(failures - 1, 16)))
+
+
+def _admin_wait(store: RedisStore) -> float:
+    """The bound on one admin step or (re)subscription: longer than a decision may take."""
+    return max(1.0, store.connect_timeout * 4)
 
 
 def _fixed_seeds(address: Address) -> Any:

@@ -109,13 +109,12 @@ class Admin:
             )
         return out
 
-    async def reset(self, client: str, channel: str) -> list[str]:
-        """Delete a client's buckets and tell every server (their deny caches) through ``channel``."""
+    async def reset(self, client: str) -> list[str]:
+        """Delete a client's buckets (the store then tells every server's deny cache)."""
         try:
             keys = await self.client_keys(client)
             if keys:
                 await self.client.delete(*keys)
-            await self.client.publish(channel, client)
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis could not reset {client!r}: {exc}") from exc
         return [bucket_name(k, self.prefix, client) for k in keys]

@@ -146,13 +146,15 @@ class Channel:
             )
 
     async def _send_when_connected(self, entries: list[Entry], data: bytes) -> None:
-        conn = await self.connect(probe=False)
-        if conn is None:
-            exc = BatchFailed(self.batcher.last_error or "Redis is unavailable")
-            for entry in entries:
-                entry.fail(exc)
-            return
-        self._write(conn, entries, data)
+        conn = None
+        try:
+            conn = await self.connect(probe=False)
+        finally:  # not connected, or cancelled as the store closes: the decisions hear of it
+            if conn is None:
+                why = "store closed" if self.batcher.closed else self.batcher.last_error
+                _fail_all(entries, BatchFailed(why or "Redis is unavailable"))
+        if conn is not None:
+            self._write(conn, entries, data)
 
     async def connect(self, *, probe: bool) -> Connection | None:
         """The open connection, connecting once however many ask; None if that fails."""
@@ -161,10 +163,18 @@ class Channel:
             return conn
         if self.batcher.failing and not probe:
             return None  # Redis just failed: only the store's probe may pay for a new connection
+        if self.batcher.closed:
+            return None
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_task(self._open())
         task = self._connecting
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                return None  # the connecting was stopped (the store closes), not the caller
+            raise
 
     async def _open(self) -> Connection | None:
         try:
@@ -193,18 +203,23 @@ class Channel:
             raise BatchFailed(f"SCRIPT LOAD failed: {reply}")
 
     async def ping(self) -> None:
-        conn = await self.connect(probe=True)
-        if conn is None:
-            raise BatchFailed(self.batcher.last_error or "Redis is unavailable")
-        [pong] = conn.call(("PING",))
-        reply = await pong
+        reply = await self.call(("PING",))
         if type(reply) is ReplyError:
             raise BatchFailed(f"Redis answered PING with {reply}")
 
+    async def call(self, command: tuple[Any, ...]) -> Any:
+        """One command of rateguard's own (PING, PUBLISH) on this connection, connecting if need be;
+        its reply (a `ReplyError` for an error reply). The caller bounds the wait."""
+        conn = await self.connect(probe=True)
+        if conn is None:
+            raise BatchFailed(self.batcher.last_error or "Redis is unavailable")
+        [reply] = conn.call(command)
+        return await reply
+
     def _lost(self, conn: Connection, exc: BaseException) -> None:
-        if self.conn is conn:
+        if self.conn is conn:  # not one this channel closed itself
             self.conn = None
-        self.batcher.failed(exc)
+            self.batcher.failed(exc)
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
@@ -245,6 +260,7 @@ class Batcher:
         self.loop = asyncio.get_running_loop()
         self.latency = latency if latency is not None else Histogram()
         self.failing = False  # a failure was reported and no success since
+        self.closed = False
         self.last_error: str | None = None
         self._route = route
         self._locate = locate
@@ -339,6 +355,9 @@ class Batcher:
         except StoreError as exc:
             entry.fail(exc)
             return
+        except asyncio.CancelledError:  # the store closes: the decision hears of it
+            entry.fail(BatchFailed("store closed"))
+            raise
         channel.send([entry], self.pack(entry.keys, entry.args))
 
     def error_reply(self, entry: Entry, reply: ReplyError) -> None:
@@ -366,9 +385,14 @@ class Batcher:
         except (StoreError, ReplyError, OSError) as exc:
             entry.fail(exc)
             return
+        except asyncio.CancelledError:  # the store closes: the decision hears of it
+            entry.fail(BatchFailed("store closed"))
+            raise
         self.resubmit(entry)
 
     def failed(self, exc: BaseException) -> None:
+        if self.closed:
+            return  # what closing breaks is no outage
         self.failing = True
         self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         self._on_failure(exc)
@@ -385,6 +409,7 @@ class Batcher:
 
     def close(self, channels: Sequence[Channel]) -> None:
         """Stop now: tasks cancelled, connections closed, whatever waits fails."""
+        self.closed = True
         for task in list(self._tasks):
             task.cancel()
         exc = BatchFailed("store closed")
@@ -393,6 +418,11 @@ class Batcher:
             entry.fail(exc)
         for channel in channels:
             channel.close()
+
+
+def _fail_all(entries: list[Entry], exc: BaseException) -> None:
+    for entry in entries:
+        entry.fail(exc)
 
 
 __all__ = ["BatchFailed", "Batcher", "Channel", "Entry", "Histogram"]

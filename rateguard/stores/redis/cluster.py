@@ -63,9 +63,13 @@ class SlotMap:
         return self.channel(self._ranges[i][2])
 
     async def primaries(self) -> list[Channel]:
+        return [self.channel(address) for address in await self.addresses()]
+
+    async def addresses(self) -> list[Address]:
+        """The primaries, in slot order (the map is read first if it is not known yet)."""
         if not self._ranges:
             await self.load()
-        return [self.channel(address) for address in dict.fromkeys(r[2] for r in self._ranges)]
+        return list(dict.fromkeys(r[2] for r in self._ranges))
 
     async def redirected(self, reply: str) -> None:
         """A MOVED or ASK: the map changed, read it again."""
@@ -81,6 +85,11 @@ class SlotMap:
         finally:
             if task.done():
                 self._loading = None
+
+    def close(self) -> None:
+        """Stop a load in flight (its connection closes with it)."""
+        if self._loading is not None:
+            self._loading.cancel()
 
     async def _load(self) -> None:
         known = [*dict.fromkeys([*(r[2] for r in self._ranges), *await self.seeds()])]

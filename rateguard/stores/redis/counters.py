@@ -45,10 +45,12 @@ class Counters:
         if not self._flushing and (self._unflushed[0] or self._unflushed[1]):
             flush()
 
-    def disarm(self) -> None:
+    def disarm(self, *, cancel: bool = True) -> None:
+        """Forget the flush timer (``cancel=False``: its loop is closed, leave it alone)."""
         timer, self._timer = self._timer, None
-        if timer is not None:
+        if timer is not None and cancel:
             timer.cancel()
+        self._flushing = False  # a flush of a loop that ended will never finish
 
     async def flush(self, client: Any) -> bool:
         """Add the deltas to the shared totals; False (deltas kept) if Redis did not take them."""
@@ -58,6 +60,7 @@ class Counters:
             return True
         self._unflushed = [0, 0]
         self._flushing = True
+        written = False
         try:
             async with asyncio.timeout(self.timeout):
                 async with client.pipeline(transaction=False) as pipe:
@@ -65,12 +68,14 @@ class Counters:
                     pipe.hincrby(self.key, "limited", limited)
                     pipe.expire(self.key, _TTL)
                     await pipe.execute()
+            written = True
         except (TimeoutError, RedisError, OSError):
-            self._unflushed[0] += allowed  # kept for the next flush
-            self._unflushed[1] += limited
             return False
-        finally:
+        finally:  # failed, or cancelled (the store closes): the counts wait for the next flush
             self._flushing = False
+            if not written:
+                self._unflushed[0] += allowed
+                self._unflushed[1] += limited
         return True
 
 

@@ -3,8 +3,10 @@ buckets could hold the cost again.
 
 That is exact for a token bucket: tokens only come back by refill, or by a give-back or an admin
 reset, and both of those reach every server through Redis pub/sub (the give-back script
-publishes itself). The cache is on only while that subscription is live: `ResetListener` keeps
-it, a task with an owner and an exit that never relies on redis-py honouring cancellation.
+publishes itself). The cache is on only while that subscription is live (`Subscription`): kept
+by `subscriber.Subscriber` on rateguard's own connection, or by `ResetListener` through a
+redis-py client of yours; each a task with an owner and an exit that never relies on a library
+honouring cancellation.
 """
 
 from __future__ import annotations
@@ -139,84 +141,124 @@ class DenyCache:
             self.clear()
 
 
-class ResetListener:
-    """Subscribes to the store's reset channel and keeps the deny cache honest.
+class Subscription:
+    """What a subscriber to the reset channel does with it, however it is subscribed.
 
-    Every wait is bounded by its own timeout, and the loop checks ``cancelling()`` and its own
-    ``closing`` flag each time round: Python 3.11's ``asyncio.wait_for`` (inside redis-py) can
-    swallow a cancellation, and a loop that trusted it would never end.
+    The deny cache answers only while subscribed: `lost` turns it off and empties it (a reset
+    may be missed meanwhile), `subscribed` turns it on again; each change is logged once.
+    A message is a client's reset (its encoded id) or a give-back (``REFUND`` and the keys).
+    """
+
+    def __init__(
+        self,
+        cache: DenyCache,
+        on_reset: Callable[[str], None],
+        on_refund: Callable[[list[str]], None],
+        where: Callable[[], str],
+    ) -> None:
+        self.cache = cache
+        self.on_reset = on_reset
+        self.on_refund = on_refund
+        self.where = where
+        self.detached = False  # its store serves another loop now: the cache is no longer its own
+        self._lost_at = 0.0
+
+    def subscribed(self) -> None:
+        if self.detached:
+            return
+        self.cache.live = True
+        if self._lost_at:
+            logger.info("rateguard: Redis %s reset channel back; deny cache on", self.where())
+            self._lost_at = 0.0
+
+    def lost(self, exc: BaseException | None) -> None:
+        """The subscription ended (``exc`` None: closed on purpose, nothing to log)."""
+        if self.detached:
+            return
+        if self.cache.live and exc is not None:
+            logger.info(
+                "rateguard: Redis %s reset channel lost (%s); deny cache off until it is back",
+                self.where(),
+                type(exc).__name__,
+            )
+            self._lost_at = time.monotonic()
+        self.cache.live = False
+        self.cache.clear()
+
+    def message(self, data: bytes | str) -> None:
+        if self.detached:
+            return
+        text = data.decode() if isinstance(data, bytes) else str(data)
+        if text.startswith(REFUND):
+            self.on_refund(text[len(REFUND) :].split("\n"))
+        else:
+            self.on_reset(text)
+
+
+def stopping(closing: bool) -> bool:
+    """Whether a background loop must end: closed by its owner, or its task is being cancelled.
+
+    Checked each time round, because a library may swallow the cancellation itself (Python
+    3.11's ``asyncio.wait_for``, gh-86296), and a loop that trusted it would never end.
+    """
+    task = asyncio.current_task()
+    return closing or (task is not None and task.cancelling() > 0)
+
+
+class ResetListener:
+    """The reset channel through a redis-py client's pub/sub (for a ``client=`` of yours).
+
+    Every wait is bounded by its own timeout, and the loop checks `stopping` each time round.
     """
 
     def __init__(
         self,
         client: Any,
         channel: str,
-        cache: DenyCache,
-        on_reset: Callable[[str], None],
-        on_refund: Callable[[list[str]], None],
-        backoff: Callable[[], float],
-        where: Callable[[], str],
+        subscription: Subscription,
+        backoff: Callable[[int], float],
         timeout: float,
     ) -> None:
         self.client = client
         self.channel = channel
-        self.cache = cache
-        self.on_reset = on_reset
-        self.on_refund = on_refund
+        self.subscription = subscription
         self.backoff = backoff
-        self.where = where
         self.timeout = timeout
         self.closing = False
 
-    def _stopping(self) -> bool:
-        task = asyncio.current_task()
-        return self.closing or (task is not None and task.cancelling() > 0)
-
     async def run(self) -> None:
-        lost_at = 0.0
-        while not self._stopping():
+        failures = 0
+        while not stopping(self.closing):
             pubsub = None
+            error: BaseException | None = None
             try:
                 pubsub = self.client.pubsub()
                 async with asyncio.timeout(self.timeout):
                     await pubsub.subscribe(self.channel)
-                while not self._stopping():
+                while not stopping(self.closing):
                     async with asyncio.timeout(1.5):  # bounded even if get_message is not
                         message = await pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
                     if message["type"] == "subscribe":
-                        self.cache.live = True
-                        if lost_at:
-                            logger.info("rateguard: Redis %s reset channel back; deny cache on", self.where())
-                            lost_at = 0.0
+                        failures = 0
+                        self.subscription.subscribed()
                     elif message["type"] == "message":
-                        data = message["data"]
-                        text = data.decode() if isinstance(data, bytes) else str(data)
-                        if text.startswith(REFUND):
-                            self.on_refund(text[len(REFUND) :].split("\n"))
-                        else:
-                            self.on_reset(text)
+                        self.subscription.message(message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure: the cache is off until subscribed again
-                if self.cache.live:
-                    logger.info(
-                        "rateguard: Redis %s reset channel lost (%s); deny cache off until it is back",
-                        self.where(),
-                        type(exc).__name__,
-                    )
-                    lost_at = time.monotonic()
+                error = exc
             finally:
-                self.cache.live = False
-                self.cache.clear()
+                self.subscription.lost(None if stopping(self.closing) else error)
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
-                        async with asyncio.timeout(0.5):
+                        async with asyncio.timeout(self.timeout):
                             await pubsub.aclose()
-            if self._stopping():
+            if stopping(self.closing):
                 break
-            await asyncio.sleep(self.backoff())
+            failures += 1
+            await asyncio.sleep(self.backoff(failures))
 
 
-__all__ = ["REFUND", "DenyCache", "ResetListener"]
+__all__ = ["REFUND", "DenyCache", "ResetListener", "Subscription", "stopping"]

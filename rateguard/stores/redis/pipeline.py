@@ -62,7 +62,16 @@ class PipelineChannel(Channel):
 
     def send(self, entries: list[Entry], data: bytes) -> None:
         self._in_flight += 1
-        self.batcher.spawn(self._run(entries))
+        self.batcher.spawn(self._answered(entries))
+
+    async def _answered(self, entries: list[Entry]) -> None:
+        try:
+            await self._run(entries)
+        except asyncio.CancelledError:  # the store closes: every decision hears of it
+            failure = BatchFailed("store closed")
+            for entry in entries:
+                entry.fail(failure)
+            raise
 
     async def _warm_up(self) -> None:
         """Connect once outside the batch deadline: redis-py connects (and a Cluster reads its
