@@ -107,7 +107,7 @@ class Admin:
                     rate,
                 )
             )
-        return out
+        return sorted(out, key=lambda state: state.bucket)  # not SCAN's order, which servers differ in
 
     async def reset(self, client: str) -> list[str]:
         """Delete a client's buckets (the store then tells every server's deny cache)."""
@@ -117,7 +117,7 @@ class Admin:
                 await self.client.delete(*keys)
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis could not reset {client!r}: {exc}") from exc
-        return [bucket_name(k, self.prefix, client) for k in keys]
+        return sorted(bucket_name(k, self.prefix, client) for k in keys)  # not SCAN's order
 
     async def count(self) -> int:
         pattern = self.prefix.translate(_GLOB_SPECIAL) + "{*"
