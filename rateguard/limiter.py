@@ -13,8 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Unpack
+from typing import Any, NamedTuple, Unpack
 
 from starlette.requests import HTTPConnection
 
@@ -98,8 +97,7 @@ def claim(claims: list[str], base: str, explicit: bool) -> str:
     return base
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     """What a limit answered for one request or one `Limiter.hit`."""
 
     allowed: bool
@@ -155,7 +153,11 @@ class Planner:
     __slots__ = ("_plans",)
 
     def __init__(self) -> None:
-        self._plans: dict[tuple[int, str, tuple[Rule, ...], int, str], tuple[Plan, AppLimits | None]] = {}
+        # Keyed by the rules' identity: a policy's rules (and a rate callable's parsed answers) are
+        # kept tuples, and hashing Rule dataclasses on every request costs more than the lookup.
+        self._plans: dict[
+            tuple[int, str, int, int, str], tuple[Plan, AppLimits | None, tuple[Rule, ...]]
+        ] = {}
 
     def plan(
         self,
@@ -166,14 +168,14 @@ class Planner:
         rules: tuple[Rule, ...],
         applies_to: str,
     ) -> Plan:
-        key = (id(registry), base, rules, id(store), applies_to)
+        key = (id(registry), base, id(rules), id(store), applies_to)
         found = self._plans.get(key)
-        if found is not None and found[1] is registry:
+        if found is not None and found[1] is registry and found[2] is rules:
             return found[0]
         plan = Plan(base, rules, registry, policy, store, applies_to)
         if len(self._plans) >= 4096:  # route templates and plans are few; raw paths are not
             self._plans.clear()
-        self._plans[key] = (plan, registry)
+        self._plans[key] = (plan, registry, rules)
         return plan
 
 
@@ -230,16 +232,29 @@ async def decide(
     """
     if policy.mode == "off":
         return None
-    if conn is not None and policy.skip is not None and await policy.should_skip(conn):
+    if policy.skip is not None and conn is not None and await policy.should_skip(conn):
         return None
-    client = await policy.client_id(scope, conn)
-    rules = await policy.rules_for(conn)
-    cost = await policy.cost_of(conn, rules)
+    # Each step awaits only when the user's callable is async: a coroutine apiece adds up.
+    found = policy.client_id_now(scope, conn) if policy.sync_identity else policy.client_id(scope, conn)
+    client: str = found if type(found) is str else await found  # type: ignore[misc]
+    rules = policy.rules if policy.rate_fn is None else await policy.rules_for(conn)
+    cost = policy.fixed_cost or await policy.cost_of(conn, rules)
     registry = limits.registry
     plan = planner.plan(policy, store, registry, base, rules, applies_to)
     try:
-        if plan.single is not None:
-            decisions: tuple[Decision, ...] = (await store.take(client, *plan.single, cost),)
+        single = plan.single
+        if single is not None:
+            if type(store) is MemoryStore:
+                decision = store.take_now(client, single[0], single[1], cost)
+            else:
+                decision = await store.take(client, single[0], single[1], cost)
+            if decision.allowed and not decision.degraded:  # the common case, kept short
+                plan.counts[0][ALLOWED] += 1
+                limits.taken.append((store, client, plan.buckets, cost))
+                if policy.mode == "enforce":
+                    limits.applied.append((plan.headers[0], decision))
+                return Verdict(True, ((single[0], decision),))
+            decisions: tuple[Decision, ...] = (decision,)
         else:
             decisions = await store.take_all(client, plan.buckets, cost)
     except StoreError:
@@ -247,8 +262,12 @@ async def decide(
         raise
     allowed = True
     for counts, decision in zip(plan.counts, decisions, strict=True):
-        count(counts, decision)
-        if not decision.allowed:
+        if decision.degraded:
+            counts[DEGRADED] += 1
+        elif decision.allowed:
+            counts[ALLOWED] += 1
+        else:
+            counts[LIMITED] += 1
             allowed = False
     verdict = Verdict(allowed, tuple(zip(plan.names, decisions, strict=True)))
     if allowed:

@@ -180,24 +180,41 @@ class RateGuard:
         try:
             single = self._single
             if single is not None and outermost and single[4] is limits.registry:
-                # The common case, written out: one rule, no user callables, the first limit of the
-                # request. No Request object, no coroutine but the store's (none for MemoryStore).
+                # The common case, written out: one fixed rule, the first limit of the request. No
+                # Request object without user callables, no coroutine but the store's (none for
+                # MemoryStore) and those of async callables.
                 (bucket, rule), header, counts, buckets, _ = single
-                try:
-                    client = self._keys[scope["client"][0]]  # type: ignore[index]
-                except (KeyError, TypeError, IndexError):  # not seen yet, or no peer, or no cache
-                    client = self._client_key(scope)
+                policy = self.policy
+                cost = self._cost
+                if not policy.needs_connection:
+                    try:
+                        client = self._keys[scope["client"][0]]  # type: ignore[index]
+                    except (KeyError, TypeError, IndexError):  # not seen yet, or no peer, or no cache
+                        client = self._client_key(scope)
+                else:  # identifier=, skip= or cost=: called with a Request, awaited only if async
+                    conn = Request(scope, receive)
+                    if policy.skip is not None and await policy.should_skip(conn):
+                        await self.app(scope, receive, send)
+                        return
+                    found = (
+                        policy.client_id_now(scope, conn)
+                        if policy.sync_identity
+                        else policy.client_id(scope, conn)
+                    )
+                    client = found if type(found) is str else await found  # type: ignore[misc]
+                    if not policy.fixed_cost:
+                        cost = await policy.cost_of(conn, policy.rules)
                 take_now = self._take_now
                 if take_now is not None:
-                    decision = take_now(client, bucket, rule, self._cost)
+                    decision = take_now(client, bucket, rule, cost)
                 else:
-                    decision = await self.store.take(client, bucket, rule, self._cost)
+                    decision = await self.store.take(client, bucket, rule, cost)
                 limits.applied.append((header, decision))
                 if decision.degraded:
                     counts[DEGRADED] += 1
                 elif decision.allowed:
                     counts[ALLOWED] += 1
-                    limits.taken.append((self.store, client, buckets, self._cost))
+                    limits.taken.append((self.store, client, buckets, cost))
                 else:
                     counts[LIMITED] += 1
                     if limits.registry is not None:
@@ -206,7 +223,7 @@ class RateGuard:
                     await self._reject(limits, True, send)
                     return
             else:
-                conn = Request(scope, receive) if self.policy.needs_connection else None
+                connection = Request(scope, receive) if self.policy.needs_connection else None
                 verdict = await decide(
                     self.policy,
                     self._planner,
@@ -215,7 +232,7 @@ class RateGuard:
                     base,
                     "every request",
                     scope,
-                    conn,
+                    connection,
                     limits,
                 )
                 if outermost:
@@ -257,7 +274,7 @@ class RateGuard:
         no user callables, enforce mode; the mode is known once a request has been decided)."""
         policy = self.policy
         if self._plain is None:
-            self._plain = not policy.needs_connection and policy.mode == "enforce" and len(policy.rules) == 1
+            self._plain = policy.rate_fn is None and policy.mode == "enforce" and len(policy.rules) == 1
         if self._plain:
             plan = self._planner.plan(
                 policy, self.store, limits.registry, self.name, policy.rules, "every request"

@@ -106,6 +106,11 @@ def mode_from_env() -> Mode | None:
     return check_mode(value, MODE_ENV) if value else None
 
 
+def _is_async(func: Any) -> bool:
+    call = type(func).__call__ if not inspect.isroutine(func) else None
+    return inspect.iscoroutinefunction(func) or (call is not None and inspect.iscoroutinefunction(call))
+
+
 def name_of(func: Any) -> str:
     return getattr(func, "__qualname__", None) or repr(func)
 
@@ -129,6 +134,7 @@ class Policy:
         "_rates",
         "client_address",
         "cost",
+        "fixed_cost",
         "headers",
         "identifier",
         "message",
@@ -138,6 +144,7 @@ class Policy:
         "rules",
         "skip",
         "store",
+        "sync_identity",
         "validate",
     )
 
@@ -215,6 +222,10 @@ class Policy:
                 f"trusted_proxies {[str(n) for n in self.client_address.trusted]} trusts every address of a "
                 "family, so any client can choose its identity with X-Forwarded-For; list only your proxies",
             )
+        # Whether a request's identity and cost are known without awaiting (no async callable).
+        self.sync_identity = self.identifier is None or not _is_async(self.identifier)
+        # The cost of every request, or 0 when each request's is computed (a callable, a rate callable).
+        self.fixed_cost = self.cost if isinstance(self.cost, int) and self.rate_fn is None else 0
         self.mode_given: Mode = check_mode(options.get("mode", "enforce"))
         mode_from_env()  # a bad RATEGUARD_MODE fails here, at configuration, not on a request
         self._mode: Mode | None = None
@@ -255,12 +266,38 @@ class Policy:
     async def client_id(self, scope: Any, conn: HTTPConnection | None) -> str:
         """The encoded store key part for this request's client."""
         if self.identifier is not None and conn is not None:
-            ident = await _call(self.identifier, conn, "identifier")
-            if ident is not None and not isinstance(ident, str):
-                ident = str(ident)  # an int user id, a UUID: its text is the identity
-            if ident:
-                # A user identity never collides with an address: it gets its own namespace.
-                return "id:" + encode_identifier(ident)
+            return self._key_of(await _call(self.identifier, conn, "identifier"), scope)
+        return encode_identifier(self.client_address(scope))
+
+    def client_id_now(self, scope: Any, conn: HTTPConnection | None) -> str | Awaitable[str]:
+        """`client_id` with no coroutine when the identifier is not async (or there is none);
+        a sync callable that returns an awaitable anyway gives one back, to be awaited."""
+        identifier = self.identifier
+        if identifier is not None and conn is not None:
+            try:
+                ident = identifier(conn)
+            except Exception as exc:
+                exc.add_note(f"raised by the rateguard identifier callable {name_of(identifier)}")
+                raise
+            if inspect.isawaitable(ident):
+                return self._key_later(ident, scope)
+            return self._key_of(ident, scope)
+        return encode_identifier(self.client_address(scope))
+
+    async def _key_later(self, ident: Awaitable[Any], scope: Any) -> str:
+        try:
+            value = await ident
+        except Exception as exc:
+            exc.add_note(f"raised by the rateguard identifier callable {name_of(self.identifier)}")
+            raise
+        return self._key_of(value, scope)
+
+    def _key_of(self, ident: Any, scope: Any) -> str:
+        if ident is not None and not isinstance(ident, str):
+            ident = str(ident)  # an int user id, a UUID: its text is the identity
+        if ident:
+            # A user identity never collides with an address: it gets its own namespace.
+            return "id:" + encode_identifier(ident)
         return encode_identifier(self.client_address(scope))
 
     async def rules_for(self, conn: HTTPConnection | None) -> tuple[Rule, ...]:

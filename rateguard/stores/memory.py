@@ -75,10 +75,20 @@ class MemoryStore:
         every request, and the general step (its lists, its frame) was a third of the cost. The
         tests hold both to the same table of cases.
         """
-        slot = self._slots.get((client, bucket))
-        if slot is None:
-            return self.take_all_now(client, ((bucket, rule),), cost)[0]
+        key = (client, bucket)
+        slot = self._slots.get(key)
         now = self.clock()
+        if slot is None:  # a bucket never seen (or full, so forgotten): it starts full
+            capacity = rule.burst
+            rate = rule.rate
+            if capacity + EPSILON < cost:
+                self.limited += 1
+                return new_decision(False, capacity, capacity, (cost - capacity) / rate, 0.0, rate)
+            left = float(capacity - cost)
+            if left < capacity:
+                self._insert(key, _Slot(left, now, capacity, rate), now)
+            self.allowed += 1
+            return new_decision(True, capacity, floor(left + EPSILON), 0.0, (capacity - left) / rate, rate)
         slot.used = True
         # The caller's rule wins: a bucket follows its rule if the app's config changes.
         capacity = slot.capacity = rule.burst
