@@ -21,6 +21,10 @@ from .test_middleware import plain_app
 
 pytestmark = pytest.mark.redis
 
+# The contract tests judge the store, not this machine's load: a slow reply on a busy CI machine
+# must not turn into a local fallback decision (the failover test keeps the default deadlines).
+PATIENT: dict[str, Any] = {"timeout": 2.0, "connect_timeout": 2.0}
+
 
 @pytest.fixture(params=["cluster-url", "cluster-client", "sentinel", "sentinel-client"])
 async def scaled_store(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
@@ -31,19 +35,19 @@ async def scaled_store(request: pytest.FixtureRequest) -> AsyncIterator[RedisSto
         cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
         cluster.flushall()
         if kind == "cluster-url":
-            store = RedisStore(url=cluster.url, cluster=True)
+            store = RedisStore(url=cluster.url, cluster=True, **PATIENT)
         else:
             client = RedisCluster(host="127.0.0.1", port=cluster.ports[1])
-            store = RedisStore(client=client)
+            store = RedisStore(client=client, **PATIENT)
     else:
         sentinel_set: LocalRedisSentinel = request.getfixturevalue("redis_sentinel")
         sentinel_set.flushall()
         if kind == "sentinel":
-            store = RedisStore(sentinels=sentinel_set.sentinels, service_name="mymaster")
+            store = RedisStore(sentinels=sentinel_set.sentinels, service_name="mymaster", **PATIENT)
         else:
             sentinel = Sentinel(sentinel_set.sentinels)  # type: ignore[no-untyped-call]
             client = sentinel.master_for("mymaster")
-            store = RedisStore(client=client)
+            store = RedisStore(client=client, **PATIENT)
     try:
         yield store
     finally:

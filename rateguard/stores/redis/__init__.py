@@ -143,6 +143,7 @@ class RedisStore:
         self._deny = DenyCache()
         self._latency = Histogram()
         self._bucket_parts: dict[str, str] = {}
+        self._args: dict[tuple[int, int], tuple[Any, ...]] = {}
         self._bound: _Bound | None = None
         # `client` asked for outside any event loop: that client (and its Sentinel), which the
         # loop that uses the store next adopts, and closes with the rest.
@@ -240,7 +241,53 @@ class RedisStore:
     async def take(
         self, client: str, bucket: str, rule: Rule, cost: int = 1, *, now: float | None = None
     ) -> Decision:
-        return (await self.take_all(client, ((bucket, rule),), cost, now=now))[0]
+        # `take_all` for one bucket, written out: it runs on every request.
+        bound = self._bound
+        if (
+            now is not None
+            or bound is None
+            or bound.closed
+            or bound.loop is not asyncio.get_running_loop()
+            or self._breaker.degraded
+        ):
+            return (await self.take_all(client, ((bucket, rule),), cost, now=now))[0]
+        part = self._bucket_parts.get(bucket)
+        if part is None:
+            part = encode_identifier(bucket)
+            if len(self._bucket_parts) < 4096:  # bucket names are few: "global" and route templates
+                self._bucket_parts[bucket] = part
+        keys = (f"{self.prefix}{{{client}}}:{part}",)
+        deny = self._deny
+        if deny.live:
+            denied = deny.refusal(keys, ((bucket, rule),), cost)
+            if denied is not None:
+                self._count(False, bound)
+                return denied[0]
+        args = self._args.get((id(rule), cost))
+        if args is None or args[3] is not rule.rate or args[4] != rule.burst:
+            args = self._args_of(rule, cost)
+        try:
+            e, remaining, retry_after, reset_after = await bound.batcher.submit(keys, args)
+        except BatchFailed:
+            return self._fallback(client, ((bucket, rule),), cost, bound)[0]
+        allowed = e == 1
+        counters = self._counters
+        counters.add(allowed)
+        counters.arm(bound.loop, bound.flush_soon)
+        decision = new_decision(
+            allowed, rule.burst, int(remaining), float(retry_after), float(reset_after), rule.rate
+        )
+        if not allowed and self.deny_cache and deny.live:
+            deny.remember(keys[0][: keys[0].index("}") + 2], keys, ((bucket, rule),), (decision,))
+        return decision
+
+    def _args_of(self, rule: Rule, cost: int) -> tuple[Any, ...]:
+        """EVALSHA's arguments for one rule and cost, kept: the batcher packs them once."""
+        args = (cost, "", "", rule.rate, rule.burst)
+        if len(self._args) >= 1024:  # rules and costs are few; this only bounds a runaway
+            self._args.clear()
+        self._args[(id(rule), cost)] = args
+        return args
 
     async def take_all(
         self, client: str, buckets: Buckets, cost: int = 1, *, now: float | None = None
@@ -461,6 +508,7 @@ class _Bound:
             self.slots = SlotMap(seeds, d.settings, lambda a: Channel(self.batcher, _fixed(a)))
         else:
             self.channel = Channel(self.batcher, self._locate)
+        self.batcher.channel = self.channel  # one node: every decision goes there, no routing
         # The deny cache's subscription: on rateguard's own connection, or through a client of
         # yours (its pub/sub; a RedisCluster before redis-py 8 has none: the cache stays off).
         self.listener: Subscriber | ResetListener | None = None

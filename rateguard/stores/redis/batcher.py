@@ -267,7 +267,10 @@ class Batcher:
         self._on_failure = on_failure
         self._on_success = on_success
         self._redirected = redirected
-        self._packed: dict[tuple[int, Args], tuple[bytes, bytes]] = {}  # EVALSHA before/after the keys
+        # EVALSHA before and after the keys, per set of arguments; keyed by the arguments' identity
+        # (the store keeps one tuple per rule and cost), with the tuple kept alive beside it.
+        self._packed: dict[tuple[int, int], tuple[bytes, bytes, Args]] = {}
+        self.channel: Channel | None = None  # the one channel, when every key goes to one node
         self._pending: list[Entry] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -281,7 +284,7 @@ class Batcher:
             # server), send it now: waiting for the end of the turn would gather nothing and cost
             # a loop turn. Under load something is always in flight, and the commands of one turn
             # still go out together.
-            channel = self._route(keys)
+            channel = self.channel or self._route(keys)
             if channel is not None and channel.ready:
                 channel.send([entry], self.pack(keys, args))
                 return fut
@@ -303,14 +306,17 @@ class Batcher:
         arguments (a cost and the rules), which spares formatting the rates, floats, each time.
         """
         n = len(keys)
-        parts = self._packed.get((n, args))
-        if parts is None:
+        parts = self._packed.get((n, id(args)))
+        if parts is None or parts[2] is not args:
             head = pack_command(("EVALSHA", self.sha, n))
             head = b"*%d\r\n%s" % (3 + n + len(args), head[head.index(b"\n") + 1 :])
             tail = pack_command(args)
-            parts = (head, tail[tail.index(b"\n") + 1 :])
+            parts = (head, tail[tail.index(b"\n") + 1 :], args)
             if len(self._packed) < 1024 and args[1] == "":  # rules and costs are few; test clocks are not
-                self._packed[(n, args)] = parts
+                self._packed[(n, id(args))] = parts
+        if n == 1:  # the common case, in one formatting
+            encoded = keys[0].encode()
+            return b"%s$%d\r\n%s\r\n%s" % (parts[0], len(encoded), encoded, parts[1])
         out = [parts[0]]
         for key in keys:
             encoded = key.encode()
