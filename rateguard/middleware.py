@@ -426,17 +426,27 @@ class RateGuard:
         self._registry = None  # a new lifespan: register afresh (the app may have new routes)
         registry = self._registry_of(scope, outermost)
 
+        failure: str | None = None
+
+        async def lifespan_receive() -> Message:
+            if failure is not None:  # start-up failed: the app shuts down before the server hears it
+                return {"type": "lifespan.shutdown"}
+            return await receive()
+
         async def lifespan_send(message: Message) -> None:
+            nonlocal failure
             kind = message["type"]
             if kind == "lifespan.startup.complete":
                 failure = await self._startup_checks()
                 if failure is not None:
-                    message = {"type": "lifespan.startup.failed", "message": failure}
-            elif kind == "lifespan.shutdown.complete":
+                    return
+            elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await close_stores(registry.stores if registry is not None else [self.store])
+                if failure is not None:
+                    message = {"type": "lifespan.startup.failed", "message": failure}
             await send(message)
 
-        await self.app(scope, receive, lifespan_send)
+        await self.app(scope, lifespan_receive, lifespan_send)
 
     async def _startup_checks(self) -> str | None:
         """Check the store and the deployment; the reason start-up must fail, if it must."""
