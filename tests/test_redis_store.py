@@ -246,3 +246,23 @@ async def test_evalsha_packed_by_hand_is_what_hiredis_packs(redis_store: RedisSt
             want = pack_command(("EVALSHA", "a" * 40, len(keys), *keys, *args))
             assert batcher.pack(keys, args) == want
             assert batcher.pack(keys, args) == want  # and again, from what it kept
+
+
+def test_round_trips_are_timed_finer_than_uvloops_millisecond_clock(redis_url: str) -> None:
+    # uvloop's loop.time() moves in whole milliseconds: timed with it, 300 sub-millisecond round
+    # trips summed to a whole number of milliseconds (often 0). perf_counter does not.
+    import uvloop
+
+    async def main() -> tuple[int, float]:
+        store = RedisStore(url=redis_url, timeout=2.0, connect_timeout=2.0)
+        try:
+            for _ in range(300):
+                await store.take("c", "b", Rule(10**6, capacity=10**6))
+            return store.latency.count, store.latency.sum
+        finally:
+            await store.close()
+
+    count, total = uvloop.run(main())
+    assert count >= 300  # (and the first decision's NOSCRIPT, resent once the script is loaded)
+    assert total > 0
+    assert abs(total * 1000 - round(total * 1000)) > 1e-6  # not a sum of whole milliseconds

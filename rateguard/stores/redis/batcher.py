@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from time import perf_counter
 from typing import Any
 
 from rateguard.errors import StoreError
@@ -89,7 +90,7 @@ class Entry:
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
-            batcher.latency.observe(batcher.loop.time() - self.sent)
+            batcher.latency.observe(perf_counter() - self.sent)
         if type(value) is ReplyError:
             batcher.error_reply(self, value)
             return
@@ -133,8 +134,10 @@ class Channel:
         conn.write(data, entries)
         batcher = self.batcher
         last = entries[-1]
-        last.sent = now = batcher.loop.time()
-        last.deadline = batcher.loop.call_at(now + batcher.timeout, self._expired, conn, last)
+        # Timed with perf_counter: uvloop's loop.time() ticks in whole milliseconds, which would
+        # read a 0.2 ms round trip as 0 or 1 ms. The deadline stays on the loop's clock.
+        last.sent = perf_counter()
+        last.deadline = batcher.loop.call_later(batcher.timeout, self._expired, conn, last)
 
     def _expired(self, conn: Connection, last: Entry) -> None:
         if last.deadline is not None:  # not answered in time: the connection is stuck

@@ -9,6 +9,7 @@ routing, a Sentinel's failover) applies as it is.
 from __future__ import annotations
 
 import asyncio
+from time import perf_counter
 from typing import Any
 
 from redis.exceptions import (
@@ -95,7 +96,7 @@ class PipelineChannel(Channel):
                     entry.fail(failure)
                 batcher.failed(failure)
                 return
-        sent = batcher.loop.time()
+        sent = perf_counter()
         try:
             async with asyncio.timeout(batcher.timeout):
                 if self.cluster:
@@ -116,7 +117,7 @@ class PipelineChannel(Channel):
             return
         finally:
             self._in_flight -= 1
-        batcher.latency.observe(batcher.loop.time() - sent)
+        batcher.latency.observe(perf_counter() - sent)
         broken = next(
             (r for r in results if isinstance(r, Exception) and not isinstance(r, ResponseError)), None
         )
