@@ -111,7 +111,7 @@ class RateGuard:
         )
         self._planner = Planner()
         self._shadow = ShadowLog()
-        self._app: Any = None  # the Starlette app of the last request, and its registry
+        self._app: Any = _UNSET  # the Starlette app of the last request (None: no app), and its registry
         self._registry: AppLimits | None = None
         self._plain: bool | None = None  # decided on the first request: the mode is known then
         self._single: Any = None  # the common path's (bucket, rule), header, counts, buckets, registry
@@ -129,7 +129,7 @@ class RateGuard:
 
     def _registry_of(self, scope: Scope, outermost: bool = True) -> AppLimits | None:
         app = scope.get("app")
-        if app is not self._app or self._registry is None:
+        if app is not self._app:
             self._app = app
             registry = self._registry = AppLimits.of(scope)
             if registry is not None:
@@ -165,7 +165,7 @@ class RateGuard:
         outermost = limits is None
         if limits is None:
             app = scope.get("app")
-            registry = self._registry if app is self._app and app is not None else self._registry_of(scope)
+            registry = self._registry if app is self._app else self._registry_of(scope)
             limits = scope[SCOPE_KEY] = RequestLimits(
                 self.store, registry, self._fields, True, self.name, scope.get("root_path", "")
             )
@@ -423,7 +423,7 @@ class RateGuard:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         outermost = _LIFESPAN_KEY not in scope
         scope[_LIFESPAN_KEY] = True
-        self._registry = None  # a new lifespan: register afresh (the app may have new routes)
+        self._app = _UNSET  # a new lifespan: register afresh (the app may have new routes)
         registry = self._registry_of(scope, outermost)
 
         failure: str | None = None

@@ -140,6 +140,7 @@ class Policy:
         "message",
         "mode_given",
         "name",
+        "needs_connection",
         "rate_fn",
         "rules",
         "skip",
@@ -222,6 +223,13 @@ class Policy:
                 f"trusted_proxies {[str(n) for n in self.client_address.trusted]} trusts every address of a "
                 "family, so any client can choose its identity with X-Forwarded-For; list only your proxies",
             )
+        # Whether deciding calls user code with the request (else no Request object is built).
+        self.needs_connection = (
+            self.identifier is not None
+            or self.skip is not None
+            or callable(self.cost)
+            or self.rate_fn is not None
+        )
         # Whether a request's identity and cost are known without awaiting (no async callable).
         self.sync_identity = self.identifier is None or not _is_async(self.identifier)
         # The cost of every request, or 0 when each request's is computed (a callable, a rate callable).
@@ -244,16 +252,6 @@ class Policy:
         if not self.rules:
             raise AttributeError("a limit with a rate callable has its rules per request")
         return self.rules[0]
-
-    @property
-    def needs_connection(self) -> bool:
-        """Whether deciding calls user code with the request (else no Request object is built)."""
-        return (
-            self.identifier is not None
-            or self.skip is not None
-            or callable(self.cost)
-            or self.rate_fn is not None
-        )
 
     def describe(self) -> str:
         if self.rate_fn is not None:
