@@ -1,9 +1,13 @@
 """Every code block of README.md and docs/ runs here, or says why it can't: the docs can't drift.
 
 A block is a fence of backticks; the word after the fence is its language, and attributes may
-follow in braces, as pymdownx.superfences reads them: ```` ```console { .not-run reason="..." } ````.
+follow in braces, as pymdownx.superfences reads them: ```` ```console { .not-run reason="..." } ````
+(a title too goes in the braces then: ```` ```python { title="slowapi" .not-run reason="..." } ````).
 Each page (README.md, docs/*.md) runs on its own, top to bottom, in a fresh temporary working
-directory, its python, pycon and console blocks in the order they appear.
+directory, its python, pycon and console blocks in the order they appear. The pages run at the
+same time, a thread each (most of their time is servers starting, in other processes); what runs
+in this process takes turns, one step at a time, and sees os.environ as it was: a step that sets
+``RATEGUARD_MODE`` sets it for itself only.
 
 ``python``
     Executed. The blocks of one page share one namespace, like a doctest file: a page may build
@@ -15,7 +19,12 @@ directory, its python, pycon and console blocks in the order they appear.
     Each ``$ `` line is a command, run by bash in the working directory, with the repository on
     ``PYTHONPATH``; ``.venv/bin/`` stands for this interpreter's bin directory and ``redis-server``
     for the server binary the test suite uses (tests/servers.py). The lines after a command are
-    its output: they must match what it prints (stdout and stderr), after the normalizing below.
+    its output: they must match what it prints (stdout and stderr), after the normalizing below,
+    and it must exit with 0 (write ``; echo "exit code $?"`` to show a failure). The docs use
+    ``curl``, which must be installed. A ``pytest`` they run loads only pytest-asyncio among the
+    plugins installed (``PYTEST_DISABLE_PLUGIN_AUTOLOAD``): the same output, in half the time;
+    commands run with ``PYTHONWARNINGS=ignore::DeprecationWarning``, since what a dependency
+    deprecates differs between the versions CI tests.
     A command that starts ``uvicorn`` or ``redis-server`` (no ``;``, ``|`` or ``&&`` in it) is a
     server: it runs in the background until the page ends (or another server takes its port), and
     the lines shown after it must match the start of its log once it listens. Every ``--port N``
@@ -26,7 +35,7 @@ directory, its python, pycon and console blocks in the order they appear.
 a block with a file name as its title (``title="app.py"``, ``title="pytest.ini"``)
     Also written to the working directory under that name, whatever its language, for the
     page's console blocks to use (``uvicorn app:app``, ``pytest test_app.py``); the directory is
-    on ``sys.path`` while the page runs, so its python blocks can import those files too.
+    on ``sys.path`` while the page's python runs, so its blocks can import those files too.
 anything else, or a block that can't run here
     (Docker, a package index, a browser, ``make bench``, a diagram): it carries the class
     ``.not-run`` and says why in ``reason="..."``. `test_every_block_is_run_or_marked` fails on
@@ -280,6 +289,9 @@ class Console:
             # A pytest the docs run loads only the plugin they use: the same output, in half the time.
             "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
             "PYTEST_PLUGINS": "pytest_asyncio.plugin",
+            # What a dependency deprecates differs between the versions CI runs (the lowest
+            # Starlette's TestClient and a newer anyio): not the docs' business.
+            "PYTHONWARNINGS": "ignore::DeprecationWarning",
         }
         for name in ("REDIS_URL", "RATEGUARD_RPM", "RATEGUARD_ADMIN_TOKEN", "RATEGUARD_MODE", "CI"):
             self.env.pop(name, None)
@@ -320,6 +332,8 @@ class Console:
             check_output(expected, self.shown(actual), f"{block.where}: $ {command}")
 
     def run(self, command: str, where: str) -> str:
+        if re.search(r"(?<![\w-])curl ", command) and shutil.which("curl") is None:
+            pytest.fail(f"{where}: the docs' examples need curl: apt-get install curl (brew install curl)")
         done = subprocess.run(
             ["bash", "-c", self.command(command)],
             cwd=self.workdir,
@@ -508,10 +522,8 @@ def check_output(expected: list[str], actual: str, what: str, *, prefix: bool = 
         )
 
 
-# Pages run at the same time, each in a thread of its own: most of a page's time is its servers
-# starting, in other processes. What runs in this process (python, pycon, hidden steps) holds
-# this lock, one step at a time, with the page's directory on sys.path and os.environ as it was:
-# a step that sets RATEGUARD_MODE sets it for itself only.
+# What runs in this process (python, pycon, hidden steps) holds this lock, one step at a time,
+# with the page's directory on sys.path, and os.environ put back afterwards.
 IN_PROCESS = threading.RLock()
 
 

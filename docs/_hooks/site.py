@@ -7,7 +7,9 @@
   which works on GitHub too; in the site that link is made ``benchmarks/results/latest.md``.
 - The slot between ``<!-- benchmarks-summary: start`` and ``<!-- benchmarks-summary: end -->``
   in ``docs/benchmarks.md`` is replaced by ``benchmarks/results/summary.md`` when that file
-  exists (the benchmark harness writes it), its links and headings adjusted to the page.
+  exists (``python -m benchmarks.summary`` writes it), its headings one level down. Its links
+  may be relative to the repository's root (``benchmarks/results/latest.md``, as the site has
+  them too) or to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ SUMMARY = ROOT / RESULTS / "summary.md"
 
 _REPO_LINK = re.compile(r"\]\(\.\./(benchmarks/[^)\s]*)\)")
 _SLOT = re.compile(r"<!-- benchmarks-summary: start.*?-->.*?<!-- benchmarks-summary: end -->", re.DOTALL)
-_RELATIVE = re.compile(r"(\]\(|\bsrc=\")(?!https?:|mailto:|#|/)([^)\"\s]+)")
+# A link of the summary's that is relative to benchmarks/results/ (those relative to the
+# repository's root, benchmarks/..., are right as they are: the site has the same paths).
+_RELATIVE = re.compile(r"(\]\(|\bsrc=\")(?!https?:|mailto:|#|/|benchmarks/)([^)\"\s]+)")
 _FENCE = re.compile(r"^\s*(```|~~~)")
 
 
