@@ -643,12 +643,17 @@ _SLOW_FIRST = ["README.md", "docs/lifecycle.md", "docs/observability.md", "docs/
 
 
 @pytest.fixture(scope="session")
-def page_runs() -> dict[Path, PageRun]:
+def page_runs(request: pytest.FixtureRequest) -> dict[Path, PageRun]:
     from rateguard.checks import forget_warnings
 
     forget_warnings()  # a page that shows a once-per-process warning sees it
     slots = threading.Semaphore(max(2, os.cpu_count() or 1))
-    order = sorted(PAGES, key=lambda p: _SLOW_FIRST.index(page_id(p)) if page_id(p) in _SLOW_FIRST else 99)
+    selected = {  # the pages this session tests (all, unless -k or a node id chose some)
+        item.callspec.params["page"]
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_page"
+    }
+    order = sorted(selected, key=lambda p: _SLOW_FIRST.index(page_id(p)) if page_id(p) in _SLOW_FIRST else 99)
     runs = {page: PageRun(page, slots) for page in order}
     for run in runs.values():
         run.thread.start()
