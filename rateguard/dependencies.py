@@ -155,8 +155,17 @@ class limit:
         ``name=``), apart from the route's own limits; nothing is raised and no header is sent:
         look at ``verdict.allowed`` and ``verdict.retry_after``.
         """
-        limits = RequestLimits(None, AppLimits.of(connection.scope), self.policy.headers, False)
-        route_name = _route_name(connection.scope.get("route"), connection.scope, limits)
+        scope = connection.scope
+        outer: RequestLimits | None = scope.get(SCOPE_KEY)  # the connection's own, from its handshake
+        if outer is not None:  # the same store and registry as the route's limits: RateGuard's, say
+            limits = RequestLimits(
+                outer.store, outer.registry, self.policy.headers, False, None, outer.root_path
+            )
+        else:
+            limits = RequestLimits(
+                None, AppLimits.of(scope), self.policy.headers, False, None, scope.get("root_path", "")
+            )
+        route_name = _route_name(scope.get("route"), scope, limits)
         base = self.policy.name or f"{route_name} (hit)"  # apart from the route's own limits
         verdict = await decide(
             self.policy,

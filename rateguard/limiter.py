@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Unpack
 
 from starlette.requests import HTTPConnection
 
-from rateguard.bucket import Decision, Rule
+from rateguard.bucket import EPSILON, Decision, Rule, new_decision
 from rateguard.errors import StoreError
 from rateguard.headers import Applied, PolicyHeader
 from rateguard.identity import encode_identifier
@@ -78,12 +79,29 @@ class RequestLimits:
         return claim(self.claims, base, explicit)
 
     async def give_back(self) -> None:
-        """A limit refused: return what the earlier ones took for this request."""
+        """A limit refused: return what the earlier ones took for this request.
+
+        The headers then show those limits as they are after the give-back: the refused request
+        spent nothing there.
+        """
         taken, self.taken = self.taken, []
         for store, client, buckets, cost in taken:
             # A failing store: its fallback decided, or the token is lost; never a 500.
             with contextlib.suppress(StoreError):
                 await store.give_back(client, buckets, cost)
+            names = {name for name, _ in buckets}
+            self.applied = [
+                (header, _given_back(d, cost) if header.name in names else d) for header, d in self.applied
+            ]
+
+
+def _given_back(d: Decision, cost: int) -> Decision:
+    """The decision as it stands once ``cost`` tokens came back to its bucket."""
+    tokens = min(float(d.limit), d.tokens + cost)
+    reset_after = max(0.0, (d.limit - tokens) / d.rate) if d.rate > 0 else 0.0
+    return new_decision(
+        d.allowed, d.limit, math.floor(tokens + EPSILON), d.retry_after, reset_after, d.rate, d.degraded
+    )
 
 
 def claim(claims: list[str], base: str, explicit: bool) -> str:

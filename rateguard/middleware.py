@@ -447,6 +447,10 @@ class RateGuard:
             await send(message)
 
         await self.app(scope, lifespan_receive, lifespan_send)
+        if failure is not None:
+            # The server has heard start-up failed (uvicorn exits quietly then); a test client
+            # waits for the app to end, and this is what it re-raises.
+            raise StoreError(failure)
 
     async def _startup_checks(self) -> str | None:
         """Check the store and the deployment; the reason start-up must fail, if it must."""

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
@@ -518,3 +518,34 @@ async def test_header_values_are_valid_structured_fields_whatever_the_name() -> 
         Rule(1, capacity=10**15)
     with pytest.raises(ConfigurationError, match="longer than"):
         Rule(1e-14, capacity=100)
+
+
+async def test_a_per_message_hit_uses_the_store_of_the_rateguard_in_front(store: Store) -> None:
+    messages = limit("2/minute")
+    app = FastAPI()
+    app.add_middleware(RateGuard, requests_per_minute=1000, store=store)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        for _ in range(3):
+            await websocket.send_text(str((await messages.hit(websocket)).allowed))
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, client=(IP, 5000)) as client, client.websocket_connect("/ws") as conn:
+        seen = [conn.receive_text() for _ in range(3)]
+    assert seen == ["True", "True", "False"]
+    assert [s.bucket for s in await store.inspect(IP)] == ["WS /ws (hit)"]
+
+
+async def test_testing_reset_clears_every_store_of_an_app(store: Store) -> None:
+    from rateguard.testing import reset
+
+    app = FastAPI()
+    app.add_middleware(RateGuard, requests_per_minute=1, store=store)
+    app.get("/")(lambda: {"ok": True})
+    async with client_for(app) as client:
+        assert await codes(client, "/", 2) == [200, 429]
+        await reset(app)
+        assert await codes(client, "/", 2) == [200, 429]

@@ -104,8 +104,8 @@ async def test_global_and_route_limits_together(store: Store) -> None:
         assert denied.headers.get_list("retry-after") == ["12"]
         assert denied.headers.get_list("x-ratelimit-limit") == ["5"]
         assert denied.headers.get_list("x-ratelimit-remaining") == ["0"]
-        # The denied route request took no global token: the global limit gave it back.
-        assert denied.headers["ratelimit"].startswith('"global";r=54;')
+        # The denied route request took no global token: the global limit gave it back, and says so.
+        assert denied.headers["ratelimit"].startswith('"global";r=55;')
         again = await client.get("/api/data")
         assert again.headers["ratelimit"].startswith('"global";r=54;')
         other = await client.get("/api/data")

@@ -264,3 +264,16 @@ def test_validation_can_be_switched_off(caplog: pytest.LogCaptureFixture) -> Non
     assert not warned(caplog, "trust-all")
     with pytest.raises(ConfigurationError, match="codes from"):
         RateGuard(FastAPI(), validate={"no-such-check": False})
+
+
+def test_store_check_fail_with_testclient_raises_instead_of_hanging() -> None:
+    from fastapi.testclient import TestClient
+
+    from rateguard import RedisStore, StoreError
+
+    app = FastAPI()
+    app.add_middleware(
+        RateGuard, store=RedisStore(url=f"redis://127.0.0.1:{free_port()}/0"), store_check="fail"
+    )
+    with pytest.raises(StoreError, match="connection refused"), TestClient(app):
+        pass

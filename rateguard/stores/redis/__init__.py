@@ -436,6 +436,18 @@ class RedisStore:
         admin = self._bind().admin
         return await admin.twice(admin.count)
 
+    async def clear(self) -> int:
+        """Delete every bucket under this store's prefix, on every server: each client starts full.
+
+        For tests (`rateguard.testing.reset`): on a shared Redis, every app using the prefix
+        loses its buckets. The shared totals stay. Returns how many buckets there were.
+        """
+        admin = self._bind().admin
+        deleted = await admin.twice(admin.clear)
+        self._deny.clear()
+        self._breaker.local.clear()
+        return deleted
+
     async def stats(self) -> StoreStats:
         allowed, limited = self._counters.allowed, self._counters.limited
         bound = self._bind()

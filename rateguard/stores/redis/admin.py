@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -134,6 +135,32 @@ class Admin:
             return n
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis could not count buckets: {exc}") from exc
+
+    async def clear(self) -> int:
+        """Delete every bucket under the prefix (not the shared totals); how many there were."""
+        pattern = self.prefix.translate(_GLOB_SPECIAL) + "{*"
+        deleted = 0
+        try:
+            if self.cluster:
+                await self.client.initialize()
+                for node in self.client.get_primaries():
+                    by_slot: dict[int, list[bytes]] = {}
+                    for key in await self._scan_node(node, pattern):
+                        by_slot.setdefault(key_slot(key), []).append(key)
+                    for keys in by_slot.values():  # one command, one slot: what a Cluster allows
+                        deleted += int(await self._on_node(node, "DEL", *keys))
+                return deleted
+            batch: list[bytes] = []
+            async for key in self.client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += int(await self.client.delete(*batch))
+                    batch = []
+            if batch:
+                deleted += int(await self.client.delete(*batch))
+            return deleted
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"Redis could not clear the buckets: {exc}") from exc
 
     async def totals(self, key: str) -> tuple[int, int]:
         allowed, limited = await self.client.hmget(key, "allowed", "limited")

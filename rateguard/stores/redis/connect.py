@@ -122,9 +122,17 @@ async def cluster_nodes(client: Any) -> list[Address]:
 
 
 def describe_client(client: Any) -> str:
+    """Where a user's client points, from its public attributes (never a password)."""
+    if hasattr(client, "get_node_from_key"):  # a RedisCluster: its first node as given
+        nodes = getattr(client, "startup_nodes", None) or [client.get_default_node()]
+        node = next(iter(nodes.values())) if isinstance(nodes, dict) else nodes[0]
+        return f"cluster {node.host}:{node.port}" if node is not None else "cluster"
+    service = getattr(getattr(client, "connection_pool", None), "service_name", None)
+    if isinstance(service, str):  # Sentinel.master_for(...): the primary is found per connection
+        return f"sentinel service {service!r}"
     try:
         kwargs = client.get_connection_kwargs()
-    except Exception:  # a cluster client or something unusual: say what it is
+    except Exception:  # something unusual: say what it is
         return type(client).__name__
     if "path" in kwargs:
         return f"unix:{kwargs['path']}"
@@ -140,6 +148,18 @@ def _seconds(name: str, value: object) -> float:
 def ssl_context(query: dict[str, list[str]] | None = None) -> ssl_module.SSLContext:
     """A client TLS context from rediss:// query options, as redis-py reads them."""
     q = {k: v[-1] for k, v in (query or {}).items()}
+    try:
+        return _ssl_context(q)
+    except (OSError, ssl_module.SSLError) as exc:
+        files = ", ".join(
+            f"{k}={q[k]!r}" for k in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if q.get(k)
+        )
+        raise ConfigurationError(
+            f"can't set up TLS from {files or 'the defaults'}: {exc}; check that the files exist and are PEM"
+        ) from None
+
+
+def _ssl_context(q: dict[str, str]) -> ssl_module.SSLContext:
     context = ssl_module.create_default_context(cafile=q.get("ssl_ca_certs"))
     if q.get("ssl_cert_reqs", "required").lower() in ("none", "optional"):
         context.check_hostname = False
