@@ -10,7 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # The library and its dependencies first: editing the demo doesn't reinstall them.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY rateguard ./rateguard
 RUN pip install ".[demo]"
 COPY demo ./demo

@@ -1,4 +1,4 @@
-"""`results/summary.md`: the README's Benchmarks fragment, from the last two runs' figures.
+"""`results/summary.md`: the Benchmarks summary that docs/benchmarks.md includes, from the last two runs' figures.
 
     python -m benchmarks.summary [--results benchmarks/results]
 
@@ -6,7 +6,7 @@ Reads ``latest.json`` (`python -m benchmarks.run`, one client) and ``scale-lates
 (`python -m benchmarks.scale`, as the work grows), whichever exist, and writes ``summary.md``:
 cost against the number of clients (a table and the chart), every target with PASS/FAIL and its
 floor, the one-client table, and how it was measured. Both runs write it again when they end.
-Links are relative to the repository's root, where the README includes it.
+Links are relative to the repository's root, as docs/benchmarks.md includes it.
 """
 
 from __future__ import annotations
