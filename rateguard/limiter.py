@@ -90,7 +90,7 @@ class RequestLimits:
             with contextlib.suppress(StoreError):
                 await store.give_back(client, buckets, cost)
             names = {name for name, _ in buckets}
-            self.applied = [
+            self.applied[:] = [  # in place: a RateGuard outside holds this list
                 (header, _given_back(d, cost) if header.name in names else d) for header, d in self.applied
             ]
 
@@ -286,6 +286,7 @@ async def decide(
             counts[ALLOWED] += 1
         else:
             counts[LIMITED] += 1
+        if not decision.allowed:  # a fallback's refusal (degraded) refuses too
             allowed = False
     verdict = Verdict(allowed, tuple(zip(plan.names, decisions, strict=True)))
     if allowed:

@@ -245,3 +245,18 @@ async def test_routers_included_under_two_prefixes_have_separate_buckets() -> No
     assert codes == [200, 200, 429]
     assert r.status_code == 200
     assert r.headers["ratelimit-policy"] == '"GET /v2/items/{item_id}";q=2;w=60'
+
+
+async def test_behind_rateguard_with_install_the_429_shows_the_give_back() -> None:
+    # The app's handler (install's) answers; RateGuard still sends each field once, as it stands
+    # after the global limit gave its token back.
+    app = demo_like_app(MemoryStore(), rpm=60)
+    rateguard.install(app)
+    async with client_for(app) as client:
+        for _ in range(5):
+            await client.post("/api/expensive")
+        denied = await client.post("/api/expensive")
+    assert denied.status_code == 429
+    assert denied.json()["error"] == "Too Many Requests"
+    assert denied.headers.get_list("ratelimit") == ['"global";r=55;t=1, "POST /api/expensive";r=0;t=12']
+    assert denied.headers.get_list("retry-after") == ["12"]

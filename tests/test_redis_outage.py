@@ -268,3 +268,18 @@ async def test_admin_calls_work_at_once_after_a_restart(private_redis: RedisServ
         assert await store.reset("nobody") == []
     finally:
         await store.close()
+
+
+async def test_a_refusal_by_the_local_fallback_is_a_refusal(redis_url: str) -> None:
+    # Redis down, on_error="local": the fallback bucket decides, and its "no" must be a 429.
+    from fastapi import Depends, FastAPI
+
+    dead = RedisStore(url="redis://127.0.0.1:1/0")
+    try:
+        app = FastAPI()
+        app.get("/", dependencies=[Depends(limit(2, store=dead))])(lambda: {"ok": True})
+        async with client_for(app) as client:
+            codes = [(await client.get("/")).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+    finally:
+        await dead.close()
