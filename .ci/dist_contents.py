@@ -76,7 +76,8 @@ for pattern in sdist_config["include"]:
 problems += [f"sdist lacks {n}" for n in sorted(want - inside)]
 problems += [f"sdist has a stray {n}" for n in sorted(inside - want - {".gitignore"})]
 problems += [f"sdist member outside {root}/: {n}" for n in members if not n.startswith(root + "/")]
-print(f"sdist {sdist.name}: {len(members)} files: {' '.join(sdist_config['include'])}, less {excluded}")
+less = f", less {' '.join(excluded)}" if excluded else ""
+print(f"sdist {sdist.name}: {len(members)} files: {' '.join(sdist_config['include'])}{less}")
 
 if problems:
     sys.exit("check-dist: FAIL\n  " + "\n  ".join(problems))

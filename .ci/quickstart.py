@@ -73,8 +73,8 @@ for name, make in stores.items():
     if warnings.records:
         sys.exit(f"FAIL: {name}: rateguard logged warnings with its server up: {warnings.records}")
 if url:  # decided by the Lua script in Redis, not by on_error="local" beside it
-    buckets = sorted(k.decode() for k in server.scan_iter("rateguard:*"))
-    print(f"buckets in Redis: {buckets}")
-    assert len(buckets) == 2, buckets
+    buckets = sorted(k.decode() for k in server.scan_iter("rateguard:{testclient}:*"))
+    print(f"the client's buckets in Redis: {buckets}")
+    assert len(buckets) == 2, "expected the global bucket and the route's"
     server.close()
 print(f"OK: {rateguard.__file__}")
