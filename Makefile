@@ -24,12 +24,13 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | cksum |
 MATRIX ?= lowest-3.11-valkey newest-3.13-valkey lowest-3.13-redis
 
 .PHONY: help install demo test lint typecheck pytest test-matrix $(addprefix test-,$(MATRIX)) \
-  dist-check bench bench-quick bench-scale bench-cluster bench-instructions clean check-redis
+  docs dist-check bench bench-quick bench-scale bench-cluster bench-instructions clean check-redis
 
 help:
 	@echo "make demo         run the demo on http://127.0.0.1:3000 (memory store; REDIS_URL=... for Redis)"
 	@echo "make test         lint, type-check and run every test, on the newest releases"
 	@echo "make test-matrix  the same at the lowest releases, on Python 3.13, on Valkey: $(MATRIX)"
+	@echo "make docs         build the documentation site (MkDocs Material) into $(VENV)/site, strictly"
 	@echo "make dist-check   build the sdist and wheel, check them, run the quick start on the wheel"
 	@echo "make bench        side-by-side benchmarks (needs wrk and redis-server)"
 	@echo "make bench-scale  the benchmarks as the work grows: clients, memory, rules (needs wrk and redis-server)"
@@ -66,6 +67,12 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 test-matrix: $(addprefix test-,$(MATRIX))
+
+# The site as it is published: every page, link and anchor checked (mkdocs.yml has strict: true).
+docs: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+	@echo "the site is in $(VENV)/site (index.html)"
 
 # test-<lowest|newest>-<Python>-<redis|valkey>: `make test` in .venv-<lowest|newest>-<Python>.
 entry = $(word $(1),$(subst -, ,$*))

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent.parent
 DISTS = (
-    "rateguard",
+    "fastapi-rateguard",
     "starlette",
     "fastapi",
     "uvicorn",
@@ -81,7 +81,7 @@ def machine_and_versions() -> dict[str, Any]:
     if commit:
         dirty = _run(["git", "-C", str(REPO), "status", "--porcelain", "--", "rateguard"])
         changes = f", uncommitted changes in rateguard/, digest {source_digest()}" if dirty else ""
-        versions["rateguard"] += f" (git {commit}{changes})"
+        versions["fastapi-rateguard"] += f" (git {commit}{changes})"
     wrk = re.search(r"wrk (\S+)", _run([shutil.which("wrk") or "wrk", "-v"]))
     versions["wrk"] = wrk.group(1) if wrk else "?"
     redis = re.search(r"v=(\S+)", _run(["redis-server", "--version"]))

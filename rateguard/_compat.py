@@ -15,7 +15,7 @@ from typing import Any
 def served_routes(app: Any) -> Iterator[Any]:
     """Each route of a FastAPI app as it is served: ``.path``, ``.methods``, ``.dependencies``."""
     try:
-        from fastapi.routing import iter_route_contexts
+        from fastapi.routing import iter_route_contexts  # type: ignore[attr-defined, unused-ignore]
     except ImportError:  # FastAPI before the included-router rework: the routes are flat
         yield from app.routes
         return

@@ -225,6 +225,7 @@ async def test_readme_snippet_with_redis_client(redis_url: str) -> None:
         assert await client.exists("rateguard:{203.0.113.7}:global") == 1
     finally:
         await store.close()
+        await client.aclose()  # the store never closes a client it was given
 
 
 async def test_routers_included_under_two_prefixes_have_separate_buckets() -> None:

@@ -68,7 +68,7 @@ class Deployment:
             if self.url is not None:
                 return RedisCluster.from_url(self.url, **timeouts)
             assert self.address is not None
-            return RedisCluster(
+            return RedisCluster(  # type: ignore[abstract, unused-ignore]
                 host=self.address.host, port=self.address.port, username=s.username, password=s.password,
                 ssl=self.use_ssl, **timeouts,
             )  # fmt: skip
