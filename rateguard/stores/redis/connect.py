@@ -25,6 +25,9 @@ Kind = Literal["single", "sentinel", "cluster", "client"]
 _TRUE = ("1", "true", "yes", "on")
 
 
+ADMIN_TIMEOUT = 1.0  # seconds: the least timeout of the admin client (connect and each reply)
+
+
 @dataclass(frozen=True, slots=True)
 class Deployment:
     """The Redis a store talks to, as configured (no connection is made here)."""
@@ -56,9 +59,11 @@ class Deployment:
         """A redis-py client for this deployment (the user's own, for ``client=``)."""
         if self.kind == "client":
             return self.client
+        # Admin, shared totals and resets are off the hot path: a busy host (or a TLS handshake)
+        # must not fail them at the decisions' 50 ms. A server that is down refuses at once anyway.
         timeouts: dict[str, Any] = {
-            "socket_timeout": socket_timeout,
-            "socket_connect_timeout": max(self.settings.connect_timeout, 0.05),
+            "socket_timeout": max(socket_timeout, ADMIN_TIMEOUT),
+            "socket_connect_timeout": max(self.settings.connect_timeout, ADMIN_TIMEOUT),
         }
         s = self.settings
         if self.kind == "sentinel":
