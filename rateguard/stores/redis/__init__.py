@@ -244,7 +244,7 @@ class RedisStore:
                 self._bucket_parts[bucket] = part
         keys = (f"{self.prefix}{{{client}}}:{part}",)
         deny = self._deny
-        if deny.live:
+        if deny.live and deny.entries:
             denied = deny.refusal(keys, ((bucket, rule),), cost)
             if denied is not None:
                 self._count(False, bound)
@@ -257,9 +257,7 @@ class RedisStore:
         except BatchFailed:
             return self._fallback(client, ((bucket, rule),), cost, bound)[0]
         allowed = e == 1
-        counters = self._counters
-        counters.add(allowed)
-        counters.arm(bound.loop, bound.flush_soon)
+        self._counters.count(allowed, bound.loop, bound.flush_soon)
         decision = new_decision(
             allowed, rule.burst, int(remaining), float(retry_after), float(reset_after), rule.rate
         )

@@ -272,7 +272,7 @@ class Batcher:
         self._redirected = redirected
         # EVALSHA before and after the keys, per set of arguments; keyed by the arguments' identity
         # (the store keeps one tuple per rule and cost), with the tuple kept alive beside it.
-        self._packed: dict[tuple[int, int], tuple[bytes, bytes, Args]] = {}
+        self._packed: dict[int, tuple[bytes, bytes, Args, int]] = {}
         self.channel: Channel | None = None  # the one channel, when every key goes to one node
         self._pending: list[Entry] = []
         self._scheduled = False
@@ -309,14 +309,14 @@ class Batcher:
         arguments (a cost and the rules), which spares formatting the rates, floats, each time.
         """
         n = len(keys)
-        parts = self._packed.get((n, id(args)))
-        if parts is None or parts[2] is not args:
+        parts = self._packed.get(id(args))
+        if parts is None or parts[2] is not args or parts[3] != n:
             head = pack_command(("EVALSHA", self.sha, n))
             head = b"*%d\r\n%s" % (3 + n + len(args), head[head.index(b"\n") + 1 :])
             tail = pack_command(args)
-            parts = (head, tail[tail.index(b"\n") + 1 :], args)
+            parts = (head, tail[tail.index(b"\n") + 1 :], args, n)
             if len(self._packed) < 1024 and args[1] == "":  # rules and costs are few; test clocks are not
-                self._packed[(n, id(args))] = parts
+                self._packed[id(args)] = parts
         if n == 1:  # the common case, in one formatting
             encoded = keys[0].encode()
             return b"%s$%d\r\n%s\r\n%s" % (parts[0], len(encoded), encoded, parts[1])
@@ -335,6 +335,13 @@ class Batcher:
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
+        if not pending:
+            return
+        pack = self.pack
+        one = self.channel
+        if one is not None:  # one node (no Cluster): the whole turn in one write, no routing
+            one.send(pending, b"".join([pack(e.keys, e.args) for e in pending]))
+            return
         groups: dict[int, tuple[Channel, list[Entry]]] = {}
         waiting: list[Entry] = []
         for entry in pending:
@@ -347,7 +354,7 @@ class Batcher:
                 group = groups[id(channel)] = (channel, [])
             group[1].append(entry)
         for channel, entries in groups.values():
-            channel.send(entries, b"".join([self.pack(e.keys, e.args) for e in entries]))
+            channel.send(entries, b"".join([pack(e.keys, e.args) for e in entries]))
         for entry in waiting:
             self.spawn(self._send_located(entry))
 

@@ -35,6 +35,17 @@ class Counters:
             self.limited += 1
             self._unflushed[1] += 1
 
+    def count(self, allowed: bool, loop: asyncio.AbstractEventLoop, flush: Any) -> None:
+        """`add` then `arm`, in one call: every decision on Redis makes it."""
+        if allowed:
+            self.allowed += 1
+            self._unflushed[0] += 1
+        else:
+            self.limited += 1
+            self._unflushed[1] += 1
+        if self._timer is None:
+            self._timer = loop.call_later(1.0, self._due, flush)
+
     def arm(self, loop: asyncio.AbstractEventLoop, flush: Any) -> None:
         """Flush within a second, even if the server goes idle (``flush`` is called on ``loop``)."""
         if self._timer is None:

@@ -53,15 +53,16 @@ class DenyCache:
         self.clock = clock
         self.live = False  # the reset channel is subscribed: only then may the cache answer
         self.hits = 0
-        self._entries: dict[tuple[str, ...], _Denied] = {}
+        # Public for the hot path's one test: an empty cache answers nothing, no call needed.
+        self.entries: dict[tuple[str, ...], _Denied] = {}
         self._by_client: dict[str, set[tuple[str, ...]]] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
     def refusal(self, keys: tuple[str, ...], buckets: Buckets, cost: int) -> tuple[Decision, ...] | None:
         """The refusal Redis would give now, if the remembered state proves it; else None."""
-        entry = self._entries.get(keys)
+        entry = self.entries.get(keys)
         if entry is None:
             return None
         rules = tuple((r.rate, r.burst) for _, r in buckets)
@@ -92,19 +93,19 @@ class DenyCache:
     def remember(
         self, head: str, keys: tuple[str, ...], buckets: Buckets, decisions: Sequence[Decision]
     ) -> None:
-        if len(self._entries) >= _MAX_ENTRIES:
+        if len(self.entries) >= _MAX_ENTRIES:
             self._prune()
         rules = tuple((r.rate, r.burst) for _, r in buckets)
         entry = _Denied(head, keys, [max(0.0, d.tokens) for d in decisions], self.clock(), rules)
-        old = self._entries.get(keys)
+        old = self.entries.get(keys)
         if old is not None:
             self._drop(old)
-        self._entries[keys] = entry
+        self.entries[keys] = entry
         self._by_client.setdefault(head, set()).add(keys)
 
     def forget_client(self, head: str) -> None:
         for keys in self._by_client.pop(head, ()):
-            self._entries.pop(keys, None)
+            self.entries.pop(keys, None)
 
     def forget_keys(self, refunded: Sequence[str], head_of: Callable[[str], str]) -> None:
         """Tokens came back to these keys: no refusal that involves one of them stands."""
@@ -113,16 +114,16 @@ class DenyCache:
             head = head_of(key)
             for keys in list(self._by_client.get(head, ())):
                 if gone.intersection(keys):
-                    entry = self._entries.get(keys)
+                    entry = self.entries.get(keys)
                     if entry is not None:
                         self._drop(entry)
 
     def clear(self) -> None:
-        self._entries.clear()
+        self.entries.clear()
         self._by_client.clear()
 
     def _drop(self, entry: _Denied) -> None:
-        self._entries.pop(entry.keys, None)
+        self.entries.pop(entry.keys, None)
         group = self._by_client.get(entry.head)
         if group is not None:
             group.discard(entry.keys)
@@ -131,13 +132,13 @@ class DenyCache:
 
     def _prune(self) -> None:
         now = self.clock()
-        for entry in list(self._entries.values()):
+        for entry in list(self.entries.values()):
             if all(
                 refill(t, entry.at, now, r, c) >= c
                 for t, (r, c) in zip(entry.tokens, entry.rules, strict=True)
             ):
                 self._drop(entry)
-        if len(self._entries) >= _MAX_ENTRIES:
+        if len(self.entries) >= _MAX_ENTRIES:
             self.clear()
 
 
