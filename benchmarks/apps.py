@@ -336,7 +336,7 @@ class FloorRedis:
         # ARGV: cost, now ('' = Redis's clock), refund channel ('' = none), rate, capacity.
         replies.transport.write(self.pack(("EVALSHA", self.sha, 1, "floor:" + client, 1, "", "", *self.args)))
         _, remaining, _, reset_after = await reply  # never denied: the limit is out of reach
-        reset_after = float(reset_after)
+        reset_after = reset_after / 1e9 if type(reset_after) is int else float(reset_after)  # ns, or text
         reset = math.ceil(reset_after)
         frac = (reset_after * self.f.rate) % 1.0  # of the next token: the RateLimit field's t
         nxt = math.ceil((frac if frac > 1e-9 else 1.0) / self.f.rate - 1e-9)

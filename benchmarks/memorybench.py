@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import statistics
+import struct
 import time
 import tracemalloc
 from pathlib import Path
@@ -147,6 +148,13 @@ def _used_memory(client: Any) -> int:
     return int(client.info("memory")["used_memory"])
 
 
+def _fields(value: bytes | None) -> dict[str, float]:
+    """A RedisStore bucket's value, unpacked (the script's struct '<dddd')."""
+    if value is None or len(value) != 32:
+        return {}
+    return dict(zip(("tokens", "last", "capacity", "rate"), struct.unpack("<dddd", value), strict=True))
+
+
 def redis_store(url: str, sizes: list[int], concurrency: int = 128) -> dict[str, Any]:
     import redis as redis_py
 
@@ -191,10 +199,7 @@ def redis_store(url: str, sizes: list[int], concurrency: int = 128) -> dict[str,
             "keys_per_client": keys / size,
             "fill_per_s": (size - done) / seconds,
             "example_key": bucket_keys[0].decode() if bucket_keys else None,
-            "example_fields": {
-                k.decode(): v.decode()
-                for k, v in (admin.hgetall(bucket_keys[0]) if bucket_keys else {}).items()
-            },
+            "example_fields": _fields(admin.get(bucket_keys[0])) if bucket_keys else {},
         }
         done = size
     admin.flushdb()

@@ -199,6 +199,68 @@ async def test_inspect_and_reset(redis_store: RedisStore) -> None:
     assert await redis_store.count() == 2
 
 
+async def test_a_bucket_is_32_bytes_of_packed_doubles(redis_store: RedisStore) -> None:
+    import struct
+
+    await redis_store.take("c", "global", Rule(60, capacity=10), 4)
+    key = redis_store.key("c", "global")
+    value = await redis_store.client.get(key)
+    tokens, last, capacity, rate = struct.unpack("<dddd", value)
+    assert (tokens, capacity, rate) == (6.0, 10.0, 1.0)
+    [sec, usec] = await redis_store.client.time()
+    assert 0 <= sec + usec / 1e6 - last < 5  # Redis's clock, not the app's
+
+
+async def test_waits_come_back_exact_in_nanoseconds_and_as_text_past_104_days(
+    redis_store: RedisStore,
+) -> None:
+    # The script sends a wait as whole nanoseconds, or as text where those stop being exact.
+    minute = Rule(1, capacity=1)  # a token a minute
+    assert (await redis_store.take("c", "minute", minute)).allowed
+    refused = await redis_store.take("c", "minute", minute)
+    assert 59 < refused.retry_after <= 60 and 59 < refused.reset_after <= 60
+    year = Rule.per(1, 365 * 86_400)
+    assert (await redis_store.take("c", "year", year)).allowed
+    refused = await redis_store.take("c", "year", year)
+    assert 365 * 86_400 - 5 < refused.retry_after <= 365 * 86_400
+    assert refused.reset_after == pytest.approx(refused.retry_after)
+
+
+async def test_a_bucket_rateguard_0_2_wrote_as_a_hash_is_read_then_replaced(redis_url: str) -> None:
+    # 0.2 kept a bucket as a hash (t, ts, c, r); servers of both versions on one Redis during an
+    # upgrade, or buckets left from before it, must not make the script fail.
+    store = RedisStore(url=redis_url, deny_cache=False)
+    try:
+        key = store.key("old", "global")
+        sec, usec = await store.client.time()
+        now = int(sec) + int(usec) / 1e6
+        await store.client.hset(key, mapping={"t": "3", "ts": repr(now), "c": "10", "r": "1"})
+        await store.client.pexpire(key, 60_000)
+        [state] = await store.inspect("old")
+        assert (state.bucket, state.capacity) == ("global", 10) and 3 <= state.tokens < 4
+        refused = await store.take("old", "global", Rule(60, capacity=10), 5)
+        assert not refused.allowed and await store.client.type(key) == b"hash"  # a refusal writes nothing
+        decision = await store.take("old", "global", Rule(60, capacity=10), 1)
+        assert decision.allowed and decision.remaining in (2, 3)
+        assert await store.client.type(key) == b"string"
+    finally:
+        await store.close()
+
+
+async def test_inspect_reads_the_packed_buckets_through_a_client_that_decodes(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    store = RedisStore(client=client)
+    try:
+        await store.take("c", "global", Rule(60, capacity=10), 4)
+        [state] = await store.inspect("c")
+        assert state.capacity == 10 and 6 <= state.tokens < 6.5
+    finally:
+        await store.close()
+        await client.aclose()
+
+
 async def test_prefix_and_hash_tag(redis_url: str) -> None:
     store = RedisStore(url=redis_url, prefix="myapp:rl:")
     try:

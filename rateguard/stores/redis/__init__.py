@@ -43,6 +43,11 @@ def _seconds(name: str, value: object, hint: str) -> float:
     return float(value)
 
 
+def _wait(value: Any) -> float:
+    """A time of the script's reply in seconds: whole nanoseconds, or text for very long waits."""
+    return value / 1e9 if type(value) is int else float(value)
+
+
 class RedisStore:
     """Token buckets in Redis, so several servers share one limit with no race.
 
@@ -259,7 +264,12 @@ class RedisStore:
         allowed = e == 1
         self._counters.count(allowed, bound.loop, bound.flush_soon)
         decision = new_decision(
-            allowed, rule.burst, int(remaining), float(retry_after), float(reset_after), rule.rate
+            allowed,
+            rule.burst,
+            int(remaining),
+            retry_after / 1e9 if type(retry_after) is int else float(retry_after),  # `_wait`, inline
+            reset_after / 1e9 if type(reset_after) is int else float(reset_after),
+            rule.rate,
         )
         if not allowed and self.deny_cache and deny.live:
             deny.remember(keys[0][: keys[0].index("}") + 2], keys, ((bucket, rule),), (decision,))
@@ -302,8 +312,8 @@ class RedisStore:
                     reply[i] == 1,
                     rule.burst,
                     int(reply[i + 1]),
-                    float(reply[i + 2]),
-                    float(reply[i + 3]),
+                    _wait(reply[i + 2]),
+                    _wait(reply[i + 3]),
                     rule.rate,
                 )
                 for i, (_, rule) in zip(range(0, 4 * len(buckets), 4), buckets, strict=True)

@@ -21,6 +21,25 @@ T = TypeVar("T")
 _GLOB_SPECIAL = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
 
+# Each bucket as "tokens last capacity rate" ('' if it expired), after the server's TIME.
+INSPECT = """
+local t = redis.call('TIME')
+local out = {t[1], t[2]}
+for i = 1, #KEYS do
+  local v = redis.pcall('GET', KEYS[i])
+  local f = ''
+  if type(v) == 'string' then
+    f = string.format('%.17g %.17g %.17g %.17g', struct.unpack('<dddd', v))
+  elseif type(v) == 'table' and v.err then  -- a hash of rateguard 0.2
+    local h = redis.call('HMGET', KEYS[i], 't', 'ts', 'c', 'r')
+    if h[1] and h[2] and h[3] and h[4] then f = table.concat(h, ' ') end
+  end
+  out[#out + 1] = f
+end
+return out
+"""
+
+
 def _num(value: Any) -> float:
     return float(value.decode() if isinstance(value, bytes) else value)
 
@@ -87,19 +106,17 @@ class Admin:
             keys = await self.client_keys(client)
             if not keys:
                 return []
-            results = [await self.client.hmget(k, "t", "ts", "c", "r") for k in keys]
-            if self.cluster:
-                sec, usec = await self._on_node(self.client.get_node_from_key(keys[0]), "TIME")
-            else:
-                sec, usec = await self.client.time()
+            # One script for all of them (one client's keys share a slot): Redis unpacks the
+            # binary values, so a user's client with decode_responses=True reads them too.
+            sec, usec, *results = await self.client.eval(INSPECT, len(keys), *keys)
         except (RedisError, OSError) as exc:
             raise StoreError(f"Redis could not inspect {client!r}: {exc}") from exc
         now = int(sec) + int(usec) / 1_000_000
         out = []
         for k, fields in zip(keys, results, strict=True):
-            if None in fields:
-                continue  # expired between SCAN and HMGET: a full bucket, nothing to show
-            tokens, last, cap, rate = (_num(f) for f in fields)
+            if not fields:
+                continue  # expired between SCAN and the script: a full bucket, nothing to show
+            tokens, last, cap, rate = (_num(f) for f in fields.split())
             out.append(
                 BucketState(
                     bucket_name(k, self.prefix, client),
