@@ -226,9 +226,9 @@ async def test_waits_come_back_exact_in_nanoseconds_and_as_text_past_104_days(
     assert refused.reset_after == pytest.approx(refused.retry_after)
 
 
-async def test_a_bucket_rateguard_0_2_wrote_as_a_hash_is_read_then_replaced(redis_url: str) -> None:
-    # 0.2 kept a bucket as a hash (t, ts, c, r); servers of both versions on one Redis during an
-    # upgrade, or buckets left from before it, must not make the script fail.
+async def test_a_bucket_in_the_earlier_hash_form_is_read_then_replaced(redis_url: str) -> None:
+    # rateguard kept a bucket as a hash (t, ts, c, r) before the packed string; servers of both
+    # versions on one Redis during an upgrade, or buckets left from before it, must not fail.
     store = RedisStore(url=redis_url, deny_cache=False)
     try:
         key = store.key("old", "global")

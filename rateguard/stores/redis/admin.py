@@ -30,7 +30,7 @@ for i = 1, #KEYS do
   local f = ''
   if type(v) == 'string' then
     f = string.format('%.17g %.17g %.17g %.17g', struct.unpack('<dddd', v))
-  elseif type(v) == 'table' and v.err then  -- a hash of rateguard 0.2
+  elseif type(v) == 'table' and v.err then  -- a bucket in the earlier hash form
     local h = redis.call('HMGET', KEYS[i], 't', 'ts', 'c', 'r')
     if h[1] and h[2] and h[3] and h[4] then f = table.concat(h, ' ') end
   end

@@ -39,7 +39,8 @@ for i = 1, #KEYS do
   if type(state) == 'string' then
     t, ts = struct.unpack('<dd', state)
   elseif type(state) == 'table' and state.err then
-    -- A hash of rateguard 0.2 (fields t, ts): read once; the SET below replaces it.
+    -- A hash (t, ts, c, r), as rateguard wrote a bucket before the packed string: read
+    -- once; the SET below replaces it.
     state = redis.call('HMGET', KEYS[i], 't', 'ts')
     t, ts = tonumber(state[1]), tonumber(state[2])
   end
