@@ -250,10 +250,10 @@ class RedisStore:
         keys = (f"{self.prefix}{{{client}}}:{part}",)
         deny = self._deny
         if deny.live and deny.entries:
-            denied = deny.refusal(keys, ((bucket, rule),), cost)
-            if denied is not None:
-                self._count(False, bound)
-                return denied[0]
+            refused = deny.refusal_one(keys, rule, cost)
+            if refused is not None:
+                self._counters.count(False, bound.loop, bound.flush_soon)
+                return refused
         args = self._args.get((id(rule), cost))
         if args is None or args[3] is not rule.rate or args[4] != rule.burst:
             args = self._args_of(rule, cost)

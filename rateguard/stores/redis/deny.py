@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rateguard.bucket import EPSILON, Decision, new_decision, refill
+from rateguard.bucket import EPSILON, Decision, Rule, new_decision, refill
 from rateguard.stores import Buckets
 
 logger = logging.getLogger("rateguard.redis")
@@ -59,6 +59,23 @@ class DenyCache:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def refusal_one(self, keys: tuple[str, ...], rule: Rule, cost: int) -> Decision | None:
+        """`refusal` for one bucket, written out: every request of a blocked client comes here."""
+        entry = self.entries.get(keys)
+        if entry is None:
+            return None
+        rate, cap = rule.rate, rule.burst
+        rules = entry.rules
+        if len(rules) != 1 or rules[0][0] != rate or rules[0][1] != cap:  # a new plan: ask Redis
+            self._drop(entry)
+            return None
+        t = refill(entry.tokens[0], entry.at, self.clock(), rate, cap)
+        if t + EPSILON >= cost:
+            self._drop(entry)
+            return None
+        self.hits += 1
+        return new_decision(False, cap, math.floor(t + EPSILON), (cost - t) / rate, (cap - t) / rate, rate)
 
     def refusal(self, keys: tuple[str, ...], buckets: Buckets, cost: int) -> tuple[Decision, ...] | None:
         """The refusal Redis would give now, if the remembered state proves it; else None."""
