@@ -132,6 +132,9 @@ class limit:
         self._shadow = ShadowLog()
         self._checked: set[int] = set()  # routes whose dropped-headers check ran
         self._own_store: MemoryStore | None = None  # only outside any app (hit() on a bare connection)
+        # Route names already worked out, per route and path: `_route_name` on every request
+        # would redo the same string work. Bounded: a route with parameters has a path per item.
+        self._names: dict[tuple[Any, ...], str] = {}
 
     def __repr__(self) -> str:
         return f"limit({self.policy.describe()!r})"
@@ -188,7 +191,19 @@ class limit:
             limits = scope[SCOPE_KEY] = RequestLimits(None, AppLimits.of(scope), policy.headers, False)
             limits.root_path = scope.get("root_path", "")
         route = scope.get("route")
-        route_name = _route_name(route, scope, limits)
+        key = (
+            id(route),
+            scope["type"],
+            scope.get("path", ""),
+            scope.get("root_path", ""),
+            scope.get("app_root_path", limits.root_path),
+        )
+        route_name = self._names.get(key)
+        if route_name is None:
+            route_name = _route_name(route, scope, limits)
+            if len(self._names) >= 1024:
+                self._names.clear()
+            self._names[key] = route_name
         base = limits.claim(policy.name or route_name, policy.name is not None)
         websocket = scope["type"] == "websocket"
         try:
