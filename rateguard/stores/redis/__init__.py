@@ -346,9 +346,8 @@ class RedisStore:
         return decisions
 
     def _count(self, allowed: bool, bound: Bound) -> None:
-        self._counters.add(allowed)
-        if bound is self._bound:  # not a decision that outlived a close: its loop's timer is gone
-            self._counters.arm(bound.loop, bound.flush_soon)
+        current = bound is self._bound  # else a decision that outlived a close: its loop's timer is gone
+        self._counters.count(allowed, bound.loop if current else None, bound.flush_soon)
 
     def _failed(self, exc: BaseException) -> None:
         if self._breaker.failed(exc):

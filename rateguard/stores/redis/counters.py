@@ -27,28 +27,16 @@ class Counters:
         self._timer: asyncio.TimerHandle | None = None
         self._flushing = False
 
-    def add(self, allowed: bool) -> None:
+    def count(self, allowed: bool, loop: asyncio.AbstractEventLoop | None, flush: Any) -> None:
+        """Count a decision, and flush within a second even if the server goes idle (``flush`` is
+        called on ``loop``; None: the decision outlived its loop's binding, whose timer is gone)."""
         if allowed:
             self.allowed += 1
             self._unflushed[0] += 1
         else:
             self.limited += 1
             self._unflushed[1] += 1
-
-    def count(self, allowed: bool, loop: asyncio.AbstractEventLoop, flush: Any) -> None:
-        """`add` then `arm`, in one call: every decision on Redis makes it."""
-        if allowed:
-            self.allowed += 1
-            self._unflushed[0] += 1
-        else:
-            self.limited += 1
-            self._unflushed[1] += 1
-        if self._timer is None:
-            self._timer = loop.call_later(1.0, self._due, flush)
-
-    def arm(self, loop: asyncio.AbstractEventLoop, flush: Any) -> None:
-        """Flush within a second, even if the server goes idle (``flush`` is called on ``loop``)."""
-        if self._timer is None:
+        if self._timer is None and loop is not None:
             self._timer = loop.call_later(1.0, self._due, flush)
 
     def _due(self, flush: Any) -> None:
