@@ -661,6 +661,35 @@ STARTUP_S = 1.0  # one server's start-up and readiness check (0.5 s measured on 
 WRK_OVERHEAD_S = 0.15  # starting wrk, connecting, reporting
 
 
+# The variants a target divides, in chains that always run back to back. The machine drifts over
+# seconds (in one run on this VM: a run's noise correlated 0.66 with the run before it, 0.07 with
+# the fifth before), so a ratio of two runs seconds apart is far steadier than of two runs half a
+# round apart. A chain runs forward in even rounds and backward in odd ones (A B, then B A), so
+# neither side always runs first; a variant in two targets sits in the middle of its chain.
+ADJACENT: tuple[tuple[str, ...], ...] = (
+    ("rateguard-redis-before", "rateguard-redis", "floor-redis"),
+    ("floor-memory", "rateguard-memory"),
+    ("rateguard-memory-blocked", "rateguard-redis-blocked"),
+)
+
+
+def round_order(live: Sequence[str], r: int, chains: Sequence[Sequence[str]] = ADJACENT) -> list[str]:
+    """Round ``r``'s order of ``live``: each chain's members (those live) back to back, reversed
+    in odd rounds, and the blocks (chains and lone variants) rotated by one every round, so no
+    variant always runs first or after the same one."""
+    blocks: list[list[str]] = []
+    placed: set[str] = set()
+    for name in live:
+        if name in placed:
+            continue
+        chain = next((c for c in chains if name in c), (name,))
+        block = [n for n in chain if n in live and n not in placed]
+        placed.update(block)
+        blocks.append(block[::-1] if r % 2 else block)
+    shift = r % len(blocks) if blocks else 0
+    return [name for block in blocks[shift:] + blocks[:shift] for name in block]
+
+
 def round_seconds(opts: Options, variants: list[Variant]) -> float:
     return sum(
         opts.duration
@@ -782,9 +811,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         servers_source = report.source_digest()
         live = [v for v in variants if v.name in servers]
         for r in range(opts.rounds if live and not out_of_time else 0):
-            # The order rotates each round: no variant always runs first, or after the same one.
-            shift = (r * max(1, len(live) // opts.rounds)) % len(live)
-            order = live[shift:] + live[:shift]  # a copy: `live` may lose a variant during the round
+            # A new list: `live` may lose a variant during the round.
+            names = round_order([v.name for v in live], r)
+            order = [next(v for v in live if v.name == n) for n in names]
             round_start = time.monotonic()
             for v in order:
                 out_of_time = time.monotonic() > deadline

@@ -58,6 +58,7 @@ from benchmarks.run import (
     cpu_seconds,
     log,
     pinning,
+    round_order,
     run_wrk,
     server_command,
     shown,
@@ -87,6 +88,13 @@ RULE_VARIANTS = (
     "rules-redis-1",
     "rules-redis-2",
     "rules-redis-global-route",
+)
+# The variants a target divides, back to back in every round (see benchmarks.run.ADJACENT).
+ADJACENT = (
+    ("keyed-floor-memory", "keyed-rateguard-memory"),
+    ("keyed-floor-redis", "keyed-none", "keyed-rateguard-redis"),
+    ("rules-memory-1", "rules-memory-2"),
+    ("rules-redis-1", "rules-redis-2"),
 )
 TINY_VARIANTS = ("keyed-none", "keyed-floor-memory", "keyed-rateguard-memory")
 PARTS = ("memory", "clients", "rules", "servers")
@@ -521,15 +529,14 @@ def rounds_of(
     script: Path | None,
     one_conn: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Interleaved rounds over the servers, the order rotated every round."""
+    """Interleaved rounds over the servers: ADJACENT's chains back to back, the rest rotated."""
     opts = run.opts
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     live = list(servers)
     for r in range(opts.rounds):
         if not live:
             break
-        shift = (r * max(1, len(live) // opts.rounds)) % len(live)
-        for name in live[shift:] + live[:shift]:
+        for name in round_order(live, r, ADJACENT):
             if run.out_of_time:
                 run.note(f"stopped after --max-minutes {opts.max_minutes:g}, in {phase}, round {r + 1}")
                 return rounds

@@ -161,3 +161,20 @@ async def test_the_reference_variants_send_rateguards_fields(
     finally:
         apps.close_floor_connections()
         await asyncio.sleep(0)  # the transport closes its socket on the next loop turn
+
+
+def test_compared_variants_run_back_to_back_in_alternating_order() -> None:
+    # The targets' ratios divide runs seconds apart, not half a round apart, and neither side
+    # always goes first; every live variant runs once a round.
+    from benchmarks.run import ADJACENT, round_order
+
+    live = ["none", "floor-memory", "x", "rateguard-memory", "rateguard-redis", "floor-redis", "y"]
+    for r in range(6):
+        order = round_order(live, r)
+        assert sorted(order) == sorted(live)
+        a, b = order.index("floor-memory"), order.index("rateguard-memory")
+        assert abs(a - b) == 1
+        assert (a < b) == (r % 2 == 0)
+        assert abs(order.index("rateguard-redis") - order.index("floor-redis")) == 1
+    assert len({round_order(live, r)[0] for r in range(6)}) == 5  # five blocks take turns first
+    assert all(len(set(chain)) == len(chain) for chain in ADJACENT)
