@@ -84,10 +84,18 @@ def render_all(applied: list[Applied]) -> list[tuple[bytes, bytes]]:
     if len(applied) == 1:  # the common case, kept cheap: it runs on every response
         policy, d = applied[0]
         remaining = d.remaining
-        reset = math.ceil(d.reset_after - 1e-9)  # _ceil(), inline: reset_after is never < 0
+        reset_after = d.reset_after
+        reset = math.ceil(reset_after - 1e-9)  # _ceil(), inline: reset_after is never < 0
+        rate = d.rate
+        if d.allowed and reset_after > EPSILON and rate > 0:  # `_next_token_seconds`, inline
+            missing = reset_after * rate
+            frac = missing - math.floor(missing)
+            t = math.ceil((frac if frac > EPSILON else 1.0) / rate - 1e-9)
+        else:
+            t = _next_token_seconds(d)
         headers = [
             policy.policy_field,
-            (b"ratelimit", policy.ratelimit_format % (remaining, _next_token_seconds(d))),
+            (b"ratelimit", policy.ratelimit_format % (remaining, t if t > 0 else 0)),
             policy.limit_field,
             (b"x-ratelimit-remaining", b"%d" % remaining),
             (b"x-ratelimit-reset", b"%d" % (reset if reset > 0 else 0)),
@@ -95,19 +103,45 @@ def render_all(applied: list[Applied]) -> list[tuple[bytes, bytes]]:
         if not d.allowed:
             headers.append((b"retry-after", b"%d" % max(1, _ceil(d.retry_after))))
         return headers
-    # Denied beats allowed; then fewest remaining; then longest wait.
-    worst_policy, d = min(applied, key=lambda a: (a[1].allowed, a[1].remaining, -a[1].retry_after))
+    # The X- fields follow the worst limit: denied beats allowed; then fewest remaining; then the
+    # longest wait (the first of equals). One loop, written out: a two-rule limit runs it on
+    # every response.
+    worst_policy, d = applied[0]
+    items = []
+    parts = []
+    refused = False
+    for policy, a in applied:
+        items.append(policy.item)
+        rate = a.rate
+        if not a.allowed:
+            refused = True
+            t = _ceil(a.retry_after)
+        elif a.reset_after <= EPSILON or rate <= 0:
+            t = 0
+        else:  # `_next_token_seconds`, inline: this runs for every rule of every response
+            missing = a.reset_after * rate
+            frac = missing - math.floor(missing)
+            t = math.ceil((frac if frac > EPSILON else 1.0) / rate - 1e-9)
+        parts.append(policy.ratelimit_format % (a.remaining, t if t > 0 else 0))
+        if a is not d and (
+            a.allowed < d.allowed
+            or (
+                a.allowed == d.allowed
+                and (
+                    a.remaining < d.remaining
+                    or (a.remaining == d.remaining and a.retry_after > d.retry_after)
+                )
+            )
+        ):
+            worst_policy, d = policy, a
     headers = [
-        (b"ratelimit-policy", b", ".join([p.item for p, _ in applied])),
-        (
-            b"ratelimit",
-            b", ".join([p.ratelimit_format % (a.remaining, _next_token_seconds(a)) for p, a in applied]),
-        ),
+        (b"ratelimit-policy", b", ".join(items)),
+        (b"ratelimit", b", ".join(parts)),
         (b"x-ratelimit-limit", worst_policy.limit),
         (b"x-ratelimit-remaining", b"%d" % d.remaining),
         (b"x-ratelimit-reset", b"%d" % _ceil(d.reset_after)),
     ]
-    if any(not a.allowed for _, a in applied):
+    if refused:
         headers.append((b"retry-after", b"%d" % retry_after_seconds(applied)))
     return headers
 

@@ -273,6 +273,8 @@ async def decide(
                     limits.applied.append((plan.headers[0], decision))
                 return Verdict(True, ((single[0], decision),))
             decisions: tuple[Decision, ...] = (decision,)
+        elif type(store) is MemoryStore:
+            decisions = store.take_all_now(client, plan.buckets, cost)
         else:
             decisions = await store.take_all(client, plan.buckets, cost)
     except StoreError:

@@ -549,3 +549,17 @@ async def test_testing_reset_clears_every_store_of_an_app(store: Store) -> None:
         assert await codes(client, "/", 2) == [200, 429]
         await reset(app)
         assert await codes(client, "/", 2) == [200, 429]
+
+
+async def test_the_rules_of_a_call_are_the_ones_passed_even_in_a_list_changed_since(store: Store) -> None:
+    # A store may keep what it derived from a tuple of rules; a list can change in place.
+    rules = [("m:1s", Rule.per(10, 1)), ("m:1d", Rule.per(5, 86_400))]
+    for _ in range(2):  # the second on a store already connected, as in a running app
+        assert [d.limit for d in await store.take_all("c", rules)] == [10, 5]
+    rules[1] = ("m:1d", Rule.per(1, 86_400))
+    decisions = await store.take_all("c", rules)
+    assert [d.limit for d in decisions] == [10, 1]
+    assert decisions[1].remaining == 0  # the day's three tokens left are capped by the new rule
+    as_tuple = tuple(rules)
+    for _ in range(2):  # the same tuple again: the same answer
+        assert [d.allowed for d in await store.take_all("c", as_tuple)] == [True, False]

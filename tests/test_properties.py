@@ -247,3 +247,33 @@ async def test_memory_and_redis_decide_the_same(
             assert math.isclose(mine.reset_after, theirs.reset_after, rel_tol=1e-9, abs_tol=1e-9)
     finally:
         await redis.close()
+
+
+@st.composite
+def applied_limits(draw: st.DrawFn) -> list[tuple[object, Decision]]:
+    from rateguard.headers import PolicyHeader
+
+    out = []
+    for i in range(draw(st.integers(2, 4))):
+        burst = draw(st.integers(1, 5))
+        rule = Rule(draw(st.sampled_from([30, 60, 120])), capacity=burst)
+        allowed = draw(st.booleans())
+        remaining = draw(st.integers(0, burst))  # ties on remaining and on the wait are common
+        retry = 0.0 if allowed else draw(st.sampled_from([0.5, 1.0, 3.0]))
+        decision = Decision(allowed, burst, remaining, retry, float(burst - remaining) / rule.rate, rule.rate)
+        out.append((PolicyHeader(f"r{i}", rule), decision))
+    return out
+
+
+@SETTINGS
+@given(applied_limits())
+def test_several_limits_report_the_worst_in_their_x_fields(applied: list[tuple[object, Decision]]) -> None:
+    # Denied beats allowed, then fewest remaining, then the longest wait; the first of equals.
+    from rateguard.headers import as_dict, render_all
+
+    policy, worst = min(applied, key=lambda a: (a[1].allowed, a[1].remaining, -a[1].retry_after))
+    fields = as_dict(render_all(applied))  # type: ignore[arg-type]
+    assert fields["x-ratelimit-limit"] == policy.limit.decode()  # type: ignore[attr-defined]
+    assert fields["x-ratelimit-remaining"] == str(worst.remaining)
+    assert fields["ratelimit-policy"].count(";q=") == len(applied)
+    assert ("retry-after" in fields) == any(not d.allowed for _, d in applied)

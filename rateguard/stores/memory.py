@@ -11,6 +11,8 @@ from rateguard.bucket import EPSILON, BucketState, Decision, Rule, give_back, ne
 from rateguard.errors import ConfigurationError
 from rateguard.stores import Buckets, StoreStats
 
+_new_tuple = tuple.__new__  # `new_decision`, inline on the hot path
+
 # Buckets one insertion checks, going round the store: more than the one it adds, so the sweep
 # goes round faster than the store grows. At the bound it looks further for one to let go.
 _SWEEP = 2
@@ -112,8 +114,10 @@ class MemoryStore:
                 tokens = 0.0
             slot.tokens = tokens
             self.allowed += 1
-            return new_decision(
-                True, capacity, floor(tokens + EPSILON), 0.0, (capacity - tokens) / rate, rate
+            # `new_decision`, inline: the one decision of most requests
+            return _new_tuple(
+                Decision,
+                (True, capacity, floor(tokens + EPSILON), 0.0, (capacity - tokens) / rate, rate, False),
             )
         slot.tokens = tokens
         self.limited += 1

@@ -43,6 +43,9 @@ def _seconds(name: str, value: object, hint: str) -> float:
     return float(value)
 
 
+_new_tuple = tuple.__new__  # `new_decision`, inline, where a decision is made per bucket
+
+
 def _wait(value: Any) -> float:
     """A time of the script's reply in seconds: whole nanoseconds, or text for very long waits."""
     return value / 1e9 if type(value) is int else float(value)
@@ -134,7 +137,9 @@ class RedisStore:
         self._deny = DenyCache()
         self._latency = Histogram()
         self._bucket_parts: dict[str, str] = {}
-        self._args: dict[tuple[int, int], tuple[Any, ...]] = {}
+        self._args: dict[tuple[int, int], tuple[Any, ...]] = {}  # per (rule, cost): EVALSHA's arguments
+        self._all_args: dict[tuple[int, int], tuple[Buckets, tuple[Any, ...]]] = {}  # per (buckets, cost)
+        self._args_by_value: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._bound: Bound | None = None
         # `client` asked for outside any event loop: that client (and its Sentinel), which the
         # loop that uses the store next adopts, and closes with the rest.
@@ -220,12 +225,7 @@ class RedisStore:
         return self._counters.limited
 
     def key(self, client: str, bucket: str) -> str:
-        part = self._bucket_parts.get(bucket)
-        if part is None:
-            part = encode_identifier(bucket)
-            if len(self._bucket_parts) < 4096:  # bucket names are few: "global" and route templates
-                self._bucket_parts[bucket] = part
-        return f"{self.prefix}{{{client}}}:{part}"
+        return f"{self.prefix}{{{client}}}:{self._bucket_parts.get(bucket) or self._part(bucket)}"
 
     # -- decisions --------------------------------------------------------------------------------
 
@@ -242,12 +242,7 @@ class RedisStore:
             or self._breaker.degraded
         ):
             return (await self.take_all(client, ((bucket, rule),), cost, now=now))[0]
-        part = self._bucket_parts.get(bucket)
-        if part is None:
-            part = encode_identifier(bucket)
-            if len(self._bucket_parts) < 4096:  # bucket names are few: "global" and route templates
-                self._bucket_parts[bucket] = part
-        keys = (f"{self.prefix}{{{client}}}:{part}",)
+        keys = (f"{self.prefix}{{{client}}}:{self._bucket_parts.get(bucket) or self._part(bucket)}",)
         deny = self._deny
         if deny.live and deny.entries:
             refused = deny.refusal_one(keys, rule, cost)
@@ -285,6 +280,87 @@ class RedisStore:
 
     async def take_all(
         self, client: str, buckets: Buckets, cost: int = 1, *, now: float | None = None
+    ) -> tuple[Decision, ...]:
+        # The common case written out, as in `take`: a limit of several rules runs this on every
+        # request. Anything else (a test clock, no binding yet, a new loop, an outage) goes the
+        # general way.
+        bound = self._bound
+        if (
+            now is not None
+            or bound is None
+            or bound.closed
+            or bound.loop is not asyncio.get_running_loop()
+            or self._breaker.degraded
+        ):
+            return await self._take_all(client, buckets, cost, now)
+        parts = self._bucket_parts
+        head = f"{self.prefix}{{{client}}}:"
+        keys = tuple([head + (parts.get(bucket) or self._part(bucket)) for bucket, _ in buckets])
+        deny = self._deny
+        if deny.live and deny.entries:
+            denied = deny.refusal(keys, buckets, cost)
+            if denied is not None:
+                self._counters.count(False, bound.loop, bound.flush_soon)
+                return denied
+        found = self._all_args.get((id(buckets), cost))
+        args = found[1] if found is not None and found[0] is buckets else self._args_of_all(buckets, cost)
+        try:
+            reply = await bound.batcher.submit(keys, args)
+        except BatchFailed:
+            return self._fallback(client, buckets, cost, bound)
+        decisions = []
+        allowed = True
+        i = 0
+        for _, rule in buckets:  # four values a bucket: enough, whole tokens left, the two waits
+            enough = reply[i] == 1
+            if not enough:
+                allowed = False
+            retry_after, reset_after = reply[i + 2], reply[i + 3]
+            decisions.append(
+                _new_tuple(
+                    Decision,
+                    (
+                        enough,
+                        rule.burst,
+                        reply[i + 1],
+                        retry_after / 1e9 if type(retry_after) is int else float(retry_after),  # `_wait`
+                        reset_after / 1e9 if type(reset_after) is int else float(reset_after),
+                        rule.rate,
+                        False,
+                    ),
+                )
+            )
+            i += 4
+        out = tuple(decisions)
+        self._count(allowed, bound)
+        if not allowed and self.deny_cache and deny.live:
+            deny.remember(head, keys, buckets, out)
+        return out
+
+    def _part(self, bucket: str) -> str:
+        """A bucket name's part of its keys, kept (they are few: "global" and route templates)."""
+        part = encode_identifier(bucket)
+        if len(self._bucket_parts) < 4096:  # bucket names are few: "global" and route templates
+            self._bucket_parts[bucket] = part
+        return part
+
+    def _args_of_all(self, buckets: Buckets, cost: int) -> tuple[Any, ...]:
+        """EVALSHA's arguments for several rules, kept per ``buckets`` (a limit's plan keeps one
+        tuple), and one tuple per distinct value, so the batcher's pack cache finds it."""
+        args: list[Any] = [cost, "", ""]
+        for _, rule in buckets:
+            args += (rule.rate, rule.burst)
+        value = tuple(args)
+        if len(self._all_args) >= 1024:  # limits and costs are few; this only bounds a runaway
+            self._all_args.clear()
+            self._args_by_value.clear()
+        value = self._args_by_value.setdefault(value, value)
+        if type(buckets) is tuple:  # a list could change under the same identity
+            self._all_args[(id(buckets), cost)] = (buckets, value)
+        return value
+
+    async def _take_all(
+        self, client: str, buckets: Buckets, cost: int, now: float | None
     ) -> tuple[Decision, ...]:
         keys = tuple([self.key(client, bucket) for bucket, _ in buckets])
         bound = self._bind()
