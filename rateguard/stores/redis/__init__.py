@@ -258,13 +258,17 @@ class RedisStore:
             return self._fallback(client, ((bucket, rule),), cost, bound)[0]
         allowed = e == 1
         self._counters.count(allowed, bound.loop, bound.flush_soon)
-        decision = new_decision(
-            allowed,
-            rule.burst,
-            int(remaining),
-            retry_after / 1e9 if type(retry_after) is int else float(retry_after),  # `_wait`, inline
-            reset_after / 1e9 if type(reset_after) is int else float(reset_after),
-            rule.rate,
+        decision = _new_tuple(  # `new_decision`, inline
+            Decision,
+            (
+                allowed,
+                rule.burst,
+                remaining,  # an integer reply
+                retry_after / 1e9 if type(retry_after) is int else float(retry_after),  # `_wait`, inline
+                reset_after / 1e9 if type(reset_after) is int else float(reset_after),
+                rule.rate,
+                False,
+            ),
         )
         if not allowed and self.deny_cache and deny.live:
             deny.remember(keys[0][: keys[0].index("}") + 2], keys, ((bucket, rule),), (decision,))
