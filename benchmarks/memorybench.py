@@ -12,6 +12,8 @@ forgotten), made with rateguard's public `Limiter`.
     --what redis         RedisStore: used_memory growth / keys, MEMORY USAGE of sampled keys, keys per client
     --what redis-least   the least a Redis token bucket can hold: one short key with a hash tag, both
                          numbers in one string, an expiry (written with SET ... PX, no script)
+    --what redis-least-named   the same under rateguard's key (``rateguard:{k…}:global``), the two
+                         numbers packed in 16 bytes: the least any bucket with that key can cost
 
 RSS is read from /proc/self/statm after ``gc.collect()``; tracemalloc runs in its own pass (it
 costs memory of its own). Both count the client's text and the key tuple, which a store must hold.
@@ -207,7 +209,7 @@ def redis_store(url: str, sizes: list[int], concurrency: int = 128) -> dict[str,
     return out
 
 
-def redis_least(url: str, sizes: list[int]) -> dict[str, Any]:
+def redis_least(url: str, sizes: list[int], named: bool = False) -> dict[str, Any]:
     import redis as redis_py
 
     admin = redis_py.Redis.from_url(url)
@@ -220,7 +222,10 @@ def redis_least(url: str, sizes: list[int]) -> dict[str, Any]:
         for first in range(done, size, 10_000):
             pipe = admin.pipeline(transaction=False)
             for i in range(first, min(first + 10_000, size)):
-                pipe.set(f"b{{k{i}}}", f"999999999 {now + i * 1e-6:.6f}", px=3_600_000)
+                if named:  # rateguard's key; tokens and last refill, no capacity or rate
+                    pipe.set(f"rateguard:{{k{i}}}:global", struct.pack("<dd", 999999999.0, now), px=3_600_000)
+                else:
+                    pipe.set(f"b{{k{i}}}", f"999999999 {now + i * 1e-6:.6f}", px=3_600_000)
             pipe.execute()
         done = size
         keys = admin.dbsize()
@@ -240,7 +245,9 @@ def redis_least(url: str, sizes: list[int]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
-        "--what", required=True, choices=("memory", "floor", "bounded", "redis", "redis-least")
+        "--what",
+        required=True,
+        choices=("memory", "floor", "bounded", "redis", "redis-least", "redis-least-named"),
     )
     parser.add_argument(
         "--buckets",
@@ -261,9 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not args.redis_url:
             parser.error(f"--what {args.what} needs --redis-url")
-        result = (
-            redis_store(args.redis_url, sizes) if args.what == "redis" else redis_least(args.redis_url, sizes)
-        )
+        if args.what == "redis":
+            result = redis_store(args.redis_url, sizes)
+        else:
+            result = redis_least(args.redis_url, sizes, named=args.what == "redis-least-named")
     print(json.dumps(result))
 
 

@@ -604,6 +604,7 @@ def memory_part(run: Run) -> dict[str, Any]:
         jobs += [
             ("redis", ["--what", "redis", "--buckets", sizes, "--redis-url", url]),
             ("redis least", ["--what", "redis-least", "--buckets", sizes, "--redis-url", url]),
+            ("redis least named", ["--what", "redis-least-named", "--buckets", sizes, "--redis-url", url]),
         ]
     out: dict[str, Any] = {"commands": []}
     for label, args in jobs:

@@ -210,6 +210,7 @@ def scale_targets(results: dict[str, Any]) -> list[Target]:
     per_key = _mem(results, "redis", BIG, "bytes_per_key")
     usage = _mem(results, "redis", BIG, "memory_usage_median")
     least_redis = _mem(results, "redis least", BIG, "bytes_per_key")
+    least_named = _mem(results, "redis least named", BIG, "bytes_per_key")
     out.append(
         Target(
             "4",
@@ -217,7 +218,8 @@ def scale_targets(results: dict[str, Any]) -> list[Target]:
             _fmt(per_key, ".0f", " B"),
             None if per_key is None else per_key <= 150,
             f"MEMORY USAGE of a key: {_fmt(usage, '.0f', ' B')}; least Redis bucket (a short key, one string, "
-            f"an expiry): {_fmt(least_redis, '.0f', ' B')}",
+            f"an expiry): {_fmt(least_redis, '.0f', ' B')}; the same under rateguard's key "
+            f"(`rateguard:{{k…}}:global`, 16 bytes): {_fmt(least_named, '.0f', ' B')}",
         )
     )
     for name, floor_name in (
@@ -483,6 +485,11 @@ def markdown(
                 "bytes_per_key",
             ),
             ("*reference:* least Redis bucket, MEMORY USAGE", "redis least", "memory_usage_median"),
+            (
+                "*reference:* least Redis bucket under rateguard's key (`rateguard:{k…}:global`, 16 bytes), used_memory / keys",
+                "redis least named",
+                "bytes_per_key",
+            ),
         )
         for text, what, key in rows:
             if what in mem:
