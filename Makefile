@@ -106,9 +106,14 @@ bench-scale: $(STAMP)
 bench-cluster: $(STAMP)
 	$(BIN)/python -m benchmarks.clusterbench
 
+# The memory variants one request at a time; then the Redis ones (the app's side, against a private
+# redis-server), one at a time and at 32 connections: issue 13's rewrite against the store before it.
+REDIS_INSTRUCTIONS := none,rateguard-redis,rateguard-redis-before,floor-redis,rules-redis-1,rules-redis-2
 bench-instructions: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.instructions
+	$(BIN)/python -m benchmarks.instructions --variants $(REDIS_INSTRUCTIONS)
+	$(BIN)/python -m benchmarks.instructions --variants $(REDIS_INSTRUCTIONS) --concurrency 32 --requests 1024
 
 clean:
 	rm -rf $(VENV) .venv-lowest-* .venv-newest-* .pytest_cache .mypy_cache .ruff_cache .hypothesis

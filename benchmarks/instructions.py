@@ -16,9 +16,20 @@ the middleware, the endpoint), the response's bytes. It runs under
 request carries an ``x-api-key`` from the same walk over N keys, each app starts with the N
 buckets made (its lifespan runs first), and the reference is ``keyed-none``.
 
+``--concurrency 32`` drives 32 connections, one request on each at a time, all sent in one loop
+turn: as wrk's 32 connections do, and as a RedisStore coalesces them into one write.
+
+    python -m benchmarks.instructions --variants rateguard-redis,rateguard-redis-before --concurrency 32
+
+Redis variants (against a private redis-server the run starts, one database per run) count the
+app's side only: redis-server is another process, which callgrind does not follow. Under valgrind
+their store's deadlines are 30 s and an outage answers 503, so no request is decided by the local
+fallback unseen. ``rateguard-redis-before`` runs the RedisStore of commit 6d6b562, extracted from
+git, as `benchmarks.run` does: the same-run comparison of issue 13 that the machine's noise can't
+blur (wall-clock rounds here differ by ±30% from one to the next).
+
 Not counted: the kernel (socket reads and writes, epoll), which every real request also pays, so
-real req/s ratios are closer to 1 than the instruction ratios. Redis variants are left out: most
-of their work is in redis-server and the kernel, which callgrind does not see.
+real req/s ratios are closer to 1 than the instruction ratios.
 """
 
 from __future__ import annotations
@@ -39,10 +50,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.run import Children, RedisServer, commit_available, extract_commit
 from benchmarks.variants import BY_NAME, SCALE_BY_NAME, Variant
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,7 +161,7 @@ def _statuses(transport: FakeTransport) -> list[int]:
     return statuses
 
 
-async def _drive(variant: Variant, count: int, keys: int = 0) -> None:
+async def _drive(variant: Variant, count: int, keys: int = 0, concurrency: int = 1) -> None:
     from uvicorn.config import Config
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     from uvicorn.server import ServerState
@@ -171,8 +183,11 @@ async def _drive(variant: Variant, count: int, keys: int = 0) -> None:
         log_level="warning",
     )
     cfg.load()
-    transport = FakeTransport()
     state = ServerState()
+    if concurrency > 1:
+        await _drive_concurrent(variant, cfg, state, count, concurrency)
+        return
+    transport = FakeTransport()
     protocol = HttpToolsProtocol(cfg, state, {}, loop)
     protocol.connection_made(transport)  # type: ignore[arg-type]
 
@@ -202,11 +217,59 @@ async def _drive(variant: Variant, count: int, keys: int = 0) -> None:
         )
 
 
-def drive(name: str, count: int, keys: int = 0) -> int:
+async def _drive_concurrent(variant: Variant, cfg: Any, state: Any, count: int, concurrency: int) -> None:
+    """``concurrency`` keep-alive connections, one request on each at a time, all sent in one loop
+    turn and awaited together: what a server sees from `wrk -c<concurrency>`, where a RedisStore
+    coalesces the decisions of a loop turn into one write. ``count`` is rounded up to whole turns."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    loop = asyncio.get_running_loop()
+    conns = []
+    for _ in range(concurrency):
+        transport = FakeTransport()
+        protocol = HttpToolsProtocol(cfg, state, {}, loop)
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        conns.append((transport, protocol))
+
+    async def turn() -> None:
+        for transport, _ in conns:
+            transport.waiter = loop.create_future()
+        for _, protocol in conns:
+            protocol.data_received(REQUEST)
+        await asyncio.gather(*(t.waiter for t, _ in conns if t.waiter is not None))
+        await asyncio.sleep(0)
+        if state.tasks:
+            await asyncio.wait(state.tasks)
+
+    def statuses() -> list[int]:
+        return [s for transport, _ in conns for s in _statuses(transport)]
+
+    turns = -(-WARMUP // concurrency)
+    for _ in range(turns):
+        await turn()
+    want = 429 if variant.blocked else 200
+    warm = statuses()
+    if len(warm) != turns * concurrency or warm[-1] != want:
+        raise SystemExit(f"{variant.name}: warm-up answered {len(warm)} responses, the last {warm[-1:]}")
+    gc.collect()
+    gc.freeze()
+    turns = -(-count // concurrency)
+    for _ in range(turns):
+        await turn()
+    got = statuses()
+    bad = [s for s in got if s != want]
+    if len(got) != turns * concurrency or bad:
+        raise SystemExit(
+            f"{variant.name}: {turns * concurrency} requests, {len(got)} responses, {len(bad)} not {want} "
+            f"(first {bad[:1]})"
+        )
+
+
+def drive(name: str, count: int, keys: int = 0, concurrency: int = 1) -> int:
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_drive(ALL[name], count, keys))
+        runner.run(_drive(ALL[name], count, keys, concurrency))
     return 0
 
 
@@ -222,15 +285,16 @@ class Job:
     log: Path | None = None
     instructions: int | None = None
     error: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # a Redis database, an earlier rateguard/
 
 
 def valgrind_command(
-    valgrind: str, name: str, count: int, keys: int = 0, out: str = "/dev/null"
+    valgrind: str, name: str, count: int, keys: int = 0, out: str = "/dev/null", concurrency: int = 1
 ) -> list[str]:
     return [
         valgrind, "--tool=callgrind", f"--callgrind-out-file={out}",
         sys.executable, "-m", "benchmarks.instructions", "--drive", name, "--requests", str(count),
-        "--keys", str(keys),
+        "--keys", str(keys), "--concurrency", str(concurrency),
     ]  # fmt: skip
 
 
@@ -249,6 +313,7 @@ def run_jobs(
     timeout: float,
     keys: int = 0,
     keep: Path | None = None,
+    concurrency: int = 1,
 ) -> None:
     """Run every job's valgrind, ``parallel`` at a time; fill in its count of instructions or its
     error. Every child is killed in a `finally`. ``keep``: a directory for callgrind's output
@@ -269,8 +334,8 @@ def run_jobs(
                         str(keep / f"callgrind.{job.variant.name}.{job.count}") if keep else "/dev/null"
                     )
                     job.proc = subprocess.Popen(
-                        valgrind_command(valgrind, job.variant.name, job.count, keys, out_file),
-                        env=env,
+                        valgrind_command(valgrind, job.variant.name, job.count, keys, out_file, concurrency),
+                        env={**env, **job.env},
                         cwd=workdir,
                         stdout=out,
                         stderr=subprocess.STDOUT,
@@ -337,7 +402,7 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def markdown(rows: list[Row], count: int, notes: list[str], keys: int = 0) -> str:
+def markdown(rows: list[Row], count: int, notes: list[str], keys: int = 0, concurrency: int = 1) -> str:
     reference = "keyed-none" if keys else "none"
     base = next((r.per_request for r in rows if r.variant.name == reference), None)
     clients = (
@@ -346,6 +411,18 @@ def markdown(rows: list[Row], count: int, notes: list[str], keys: int = 0) -> st
         if keys
         else ""
     )
+    if concurrency > 1:
+        clients += (
+            f" {concurrency} keep-alive connections, one request on each at a time, all {concurrency} "
+            "sent in one loop turn and awaited together (as `wrk -c" + str(concurrency) + "` keeps them)."
+        )
+    if any(r.variant.redis for r in rows):
+        clients += (
+            " Redis variants count the app's side (redis-py or rateguard's own connection, the "
+            "batching, the replies) against a private redis-server, whose own work callgrind does not "
+            "see; under valgrind their deadlines are 30 s and an outage answers 503, so no request "
+            "passes by the local fallback."
+        )
     lines = [
         f"# Instructions per request, {dt.date.today().isoformat()}"
         + (f", {keys:,} clients" if keys else ""),
@@ -383,8 +460,8 @@ def markdown(rows: list[Row], count: int, notes: list[str], keys: int = 0) -> st
         "",
         f"- {versions()}",
         f"- `PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null python -m "
-        f"benchmarks.instructions --drive <variant> --requests <0 or {count}> --keys {keys}`"
-        + (f" with `BENCH_PREFILL={keys}`" if keys else ""),
+        f"benchmarks.instructions --drive <variant> --requests <0 or {count}> --keys {keys} "
+        f"--concurrency {concurrency}`" + (f" with `BENCH_PREFILL={keys}`" if keys else ""),
     ]
     if notes:
         lines += ["", "## Notes", ""]
@@ -432,6 +509,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         help="keep callgrind's output files here, for callgrind_annotate (else /dev/null)",
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="connections, one request on each at a time, sent in one loop turn (1: one request at a "
+        "time). Writes instructions[-redis]-c<N>.md (-redis: with Redis variants)",
+    )
     parser.add_argument("--drive", metavar="VARIANT", help=argparse.SUPPRESS)  # the run under valgrind
     args = parser.parse_args(argv)
     if args.requests < 1 and args.drive is None:
@@ -444,7 +528,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.drive is not None:
-        return drive(args.drive, args.requests, args.keys)
+        return drive(args.drive, args.requests, args.keys, args.concurrency)
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         print(VALGRIND_HELP, file=sys.stderr)
@@ -466,8 +550,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in dict.fromkeys(names):
         v = ALL[name]
         why = None
-        if v.redis:
-            why = "needs Redis, whose work callgrind does not see"
+        if v.redis and shutil.which("redis-server") is None:
+            why = "needs redis-server (sudo apt-get install -y redis-server)"
+        elif v.commit is not None and not commit_available(v.commit):
+            why = f"needs commit {v.commit} (a full clone)"
         elif v.missing():
             why = f"{', '.join(v.missing())} not installed: pip install -e '.[bench]'"
         if why:
@@ -477,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             variants.append(v)
 
     jobs = [Job(v, n) for v in variants for n in (0, args.requests)]
+    redis_jobs = [j for j in jobs if j.variant.redis]
     log(
         f"{len(variants)} variants x 2 valgrind runs (0 and {args.requests} requests after {WARMUP} warm-up), "
         f"{args.parallel} at a time: about {len(jobs) * 35 / args.parallel / 60:.0f} min"
@@ -488,14 +575,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_term = signal.signal(signal.SIGTERM, on_term)
     workdir = Path(tempfile.mkdtemp(prefix="rateguard-instructions-"))
     started = time.monotonic()
+    children = Children()
     try:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
-        run_jobs(jobs, valgrind, args.parallel, workdir, args.timeout, args.keys, args.keep)
+        if redis_jobs:
+            # The app's side only: redis-server's work is its own process, which callgrind does not
+            # follow. One database per run, so no run finds another's buckets.
+            redis = RedisServer(children, workdir, [], databases=max(16, len(redis_jobs) + 1))
+            redis.start()
+            for db, job in enumerate(redis_jobs, start=1):
+                job.env.update(BENCH_REDIS_URL=redis.url_db(db), BENCH_REDIS_DEADLINE="30")
+        for job in jobs:
+            if job.variant.commit is not None:
+                path = str(extract_commit(job.variant.commit, workdir))
+                job.env.update(BENCH_RATEGUARD_PATH=path, PYTHONPATH=os.pathsep.join([path, str(REPO)]))
+        run_jobs(jobs, valgrind, args.parallel, workdir, args.timeout, args.keys, args.keep, args.concurrency)
     except KeyboardInterrupt as exc:
         log(f"interrupted: {exc!r}")
         return 130
     finally:
+        children.stop_all()
         signal.signal(signal.SIGTERM, old_term)
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -510,9 +610,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             rows.append(Row(v, (full.instructions - zero.instructions) / args.requests))
 
-    text = markdown(rows, args.requests, notes, args.keys)
+    text = markdown(rows, args.requests, notes, args.keys, args.concurrency)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("instructions.md" if not args.keys else f"instructions-{args.keys}-keys.md")
+    name = "instructions" + (f"-{args.keys}-keys" if args.keys else "")
+    name += "-redis" if any(v.redis for v in variants) else ""
+    name += f"-c{args.concurrency}" if args.concurrency > 1 else ""
+    path = args.out / f"{name}.md"
     path.write_text(text, encoding="utf-8")
     log("")
     log(text)
