@@ -456,7 +456,8 @@ def markdown(
     add(
         f"Medians of {n_rounds} interleaved round(s). Every variant's server is started once, warmed up "
         f"once ({opts.warmup:g} s of wrk) and kept up for the whole run; each round loads every variant in "
-        f"turn ({per_round}), in an order rotated every round"
+        f"turn ({per_round}), in an order rotated every round, the variants a target divides back to back "
+        "(A B, then B A)"
         + (f", and took {statistics.median(walls):.0f} s" if walls else "")
         + ". Ratios are to the no-limiter run of the same round, so slow drift of the machine cancels. "
         f"One uvicorn worker per variant (uvloop, httptools), trivial FastAPI endpoint, wrk from one "

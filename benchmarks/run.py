@@ -7,7 +7,7 @@ redis-server to the second (`taskset`).
 
 Every variant's server is started once, warmed up once, and kept up for all the rounds. A round
 loads each variant in turn with short runs (2 s at 32 connections, 1 s at one), in an order rotated
-every round: slow drift of the machine hits all variants alike, and each ratio is taken against the
+every round, the variants a target divides back to back (`ADJACENT`): slow drift of the machine hits all variants alike, and each ratio is taken against the
 no-limiter run of the same round, seconds away rather than minutes. Every child is stopped by its
 process group, in a `finally`.
 

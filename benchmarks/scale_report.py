@@ -325,7 +325,7 @@ def markdown(
     add(
         f"`python -m benchmarks.scale` (issue 16). One uvicorn worker per variant (uvloop, httptools), "
         f"{meta['pinning']}; {opts.rounds} interleaved round(s) of `wrk -t1 -c{opts.connections} -d{opts.duration}s` "
-        "per part, the order rotated every round, each ratio to the no-limiter run of the same round. "
+        "per part, the order rotated every round (the variants a target divides back to back: A B, then B A), each ratio to the no-limiter run of the same round. "
         "Clients are told apart by an `x-api-key` header that wrk's script takes from a walk over N keys "
         "(each key once every N requests, consecutive keys far apart); every app is keyed by it "
         '(rateguard: `identifier=lambda r: r.headers.get("x-api-key")`). Every limit is a bucket of '
