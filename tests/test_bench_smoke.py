@@ -185,28 +185,23 @@ def test_compared_variants_run_back_to_back_in_alternating_order() -> None:
 def test_the_instruction_driver_decides_every_request_on_redis(redis_url: str, concurrency: int) -> None:
     # What valgrind runs for a Redis variant: it must exit 0 only if every response is a 200
     # decided by Redis (an outage answers 503 there, so a fallback can't pass unseen).
-    env = dict(os.environ, BENCH_VARIANT="none", BENCH_REDIS_URL=redis_url, BENCH_REDIS_DEADLINE="30")
+    env = dict(os.environ, BENCH_VARIANT="none", BENCH_REDIS_DEADLINE="30")
     args = ["--drive", "rateguard-redis", "--requests", "64", "--concurrency", str(concurrency)]
-    run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.instructions", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+
+    def drive(url: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "benchmarks.instructions", *args],
+            cwd=REPO,
+            env=dict(env, BENCH_REDIS_URL=url),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    run = drive(redis_url)
     assert run.returncode == 0, run.stdout + run.stderr
-    down = dict(env, BENCH_REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0")
-    refused = subprocess.run(
-        [sys.executable, "-m", "benchmarks.instructions", *args],
-        cwd=REPO,
-        env=down,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    refused = drive(f"redis://127.0.0.1:{_closed_port()}/0")
     assert refused.returncode != 0 and "503" in refused.stdout + refused.stderr
 
 
