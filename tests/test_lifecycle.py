@@ -469,7 +469,8 @@ PING_FAILURES = {
     "no such database": ("redis://127.0.0.1:{plain}/99", "127.0.0.1:{plain}: no such database: db 99"),
     "TLS to a plain port": (
         "rediss://127.0.0.1:{plain}/0",
-        "127.0.0.1:{plain}: no TLS handshake within 300 ms; if that port speaks plain Redis, use redis://",
+        # ping() waits at least a second, whatever the decisions' connect_timeout
+        "127.0.0.1:{plain}: no TLS handshake within 1000 ms; if that port speaks plain Redis, use redis://",
     ),
 }
 

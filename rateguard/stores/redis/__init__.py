@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from rateguard.stores import Buckets, StoreStats
 from rateguard.stores.redis.batcher import BatchFailed, Histogram
 from rateguard.stores.redis.binding import Bound, admin_wait, head_of
 from rateguard.stores.redis.breaker import ON_ERROR, Breaker, OnError
-from rateguard.stores.redis.connect import Deployment, discover, from_options
+from rateguard.stores.redis.connect import ADMIN_TIMEOUT, Deployment, discover, from_options
 from rateguard.stores.redis.counters import Counters
 from rateguard.stores.redis.deny import DenyCache
 from rateguard.stores.redis.script import TOKEN_BUCKET_LUA
@@ -493,7 +494,10 @@ class RedisStore:
         else:
             assert d.address is not None
             address = d.address
-        return await round_trip(address, d.settings)
+        # A check, not a decision: at least a second, as for a client= and the admin client, so a
+        # busy machine gets "connection refused" (or the real cause), not a 50 ms deadline.
+        timeout = max(d.settings.connect_timeout, ADMIN_TIMEOUT)
+        return await round_trip(address, dataclasses.replace(d.settings, connect_timeout=timeout))
 
     async def inspect(self, client: str) -> list[BucketState]:
         admin = self._bind().admin
