@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rateguard import MemoryStore, RedisStore, Rule
-from rateguard.bucket import Decision, take
+from rateguard.bucket import Decision, take, take_all
 from rateguard.stores.memory import SEP
 
 from .conftest import FakeClock
@@ -183,6 +183,34 @@ def test_memory_store_decides_as_the_pure_step(case: tuple[list[Rule], list[tupl
         key = (f"c{client}", f"b{index}")
         decision = store.take_now(*key, rule_list[index], step.cost)
         assert same(decision, refs.take(key, rule_list[index], clock.now, step.cost))
+
+
+@SETTINGS
+@given(traffic())
+def test_memory_store_decides_several_rules_as_the_pure_step(
+    case: tuple[list[Rule], list[tuple[int, int, Step]]],
+) -> None:
+    """A limit of all the drawn rules: every rule's decision, allowed or refused, known bucket or
+    new, is the pure all-or-nothing step's (`take_all_now` writes the usual case out)."""
+    rule_list, ops = case
+    buckets = tuple((f"b{i}", rule) for i, rule in enumerate(rule_list))
+    clock = FakeClock(START)
+    store = MemoryStore(max_keys=6 * len(rule_list), clock=clock)
+    states: dict[str, list[tuple[float, float] | None]] = {}
+    for client, _, step in ops:
+        clock.advance(step.dt)
+        name = f"c{client}"
+        before = states.get(name, [None] * len(buckets))
+        _, after, expected = take_all(before, clock.now, [(r.rate, r.burst) for r in rule_list], step.cost)
+        # A bucket full again is the same as a fresh one, which is what the store's sweep keeps.
+        states[name] = [
+            None if tokens >= rule.burst else (tokens, last)
+            for (tokens, last), rule in zip(after, rule_list, strict=True)
+        ]
+        decisions = store.take_all_now(name, buckets, step.cost)
+        assert len(decisions) == len(expected)
+        for mine, theirs in zip(decisions, expected, strict=True):
+            assert same(mine, theirs), (mine, theirs)
 
 
 @SETTINGS

@@ -132,13 +132,18 @@ class MemoryStore:
         found = [slots.get(client + SEP + bucket) for bucket, _ in buckets]
         states = [None if s is None else (s.tokens, s.last) for s in found]
         allowed, after, decisions = take_all(states, now, [(r.rate, r.burst) for _, r in buckets], cost)
+        # The known buckets first: inserting a new one sweeps, and the sweep must judge this
+        # client's other buckets by their new state (by the old, a bucket just spent may look
+        # full again and be dropped, and what it was charged with lost).
+        fresh = []
         for slot, (bucket, rule), (tokens, last) in zip(found, buckets, after, strict=True):
-            if slot is None:
-                if tokens < rule.burst:  # a full bucket is the same as none: keep only the others
-                    self._insert(client + SEP + bucket, _Slot(tokens, last, rule), now)
-            else:
+            if slot is not None:
                 slot.used = True
                 slot.tokens, slot.last, slot.rule = tokens, last, rule
+            elif tokens < rule.burst:  # a full bucket is the same as none: keep only the others
+                fresh.append((client + SEP + bucket, _Slot(tokens, last, rule)))
+        for key, new in fresh:
+            self._insert(key, new, now)
         if allowed:
             self.allowed += 1
         else:
