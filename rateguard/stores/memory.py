@@ -126,10 +126,57 @@ class MemoryStore:
         )
 
     def take_all_now(self, client: str, buckets: Buckets, cost: int = 1) -> tuple[Decision, ...]:
-        """`take_all` without the coroutine."""
+        """`take_all` without the coroutine.
+
+        When every bucket is known and each holds ``cost`` (what a limit of several rules meets
+        on most requests), the step of `bucket.take_all` is written out, as in `take_now`: the
+        general step's lists and calls were most of a two-rule decision. Anything else (a bucket
+        never seen, a refusal) takes the general step; the tests hold both to the pure one.
+        """
         now = self.clock()
         slots = self._slots
         found = [slots.get(client + SEP + bucket) for bucket, _ in buckets]
+        if None not in found:
+            known: list[_Slot] = found  # type: ignore[assignment]
+            refilled = []
+            for held, (_, rule) in zip(known, buckets, strict=True):
+                tokens = held.tokens
+                if now > held.last:
+                    tokens += (now - held.last) * rule.rate
+                    if tokens > rule.burst:
+                        tokens = float(rule.burst)
+                if tokens + EPSILON < cost:
+                    break  # refused: nothing is changed here, the general step decides
+                refilled.append(tokens)
+            else:
+                decisions = []
+                for held, (_, rule), tokens in zip(known, buckets, refilled, strict=True):
+                    tokens -= cost
+                    if tokens < 0.0:
+                        tokens = 0.0
+                    if now > held.last:
+                        held.last = now
+                    held.tokens = tokens
+                    held.rule = rule
+                    held.used = True
+                    capacity = rule.burst
+                    rate = rule.rate
+                    decisions.append(
+                        _new_tuple(
+                            Decision,
+                            (
+                                True,
+                                capacity,
+                                floor(tokens + EPSILON),
+                                0.0,
+                                (capacity - tokens) / rate,
+                                rate,
+                                False,
+                            ),
+                        )
+                    )
+                self.allowed += 1
+                return tuple(decisions)
         states = [None if s is None else (s.tokens, s.last) for s in found]
         allowed, after, decisions = take_all(states, now, [(r.rate, r.burst) for _, r in buckets], cost)
         # The known buckets first: inserting a new one sweeps, and the sweep must judge this

@@ -139,7 +139,8 @@ class RedisStore:
         self._latency = Histogram()
         self._bucket_parts: dict[str, str] = {}
         self._args: dict[tuple[int, int], tuple[Any, ...]] = {}  # per (rule, cost): EVALSHA's arguments
-        self._all_args: dict[tuple[int, int], tuple[Buckets, tuple[Any, ...]]] = {}  # per (buckets, cost)
+        # per (buckets, cost): (buckets, EVALSHA's arguments, each bucket's part of its key)
+        self._all_args: dict[tuple[int, int], tuple[Buckets, tuple[Any, ...], tuple[str, ...]]] = {}
         self._args_by_value: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._bound: Bound | None = None
         # `client` asked for outside any event loop: that client (and its Sentinel), which the
@@ -299,17 +300,19 @@ class RedisStore:
             or self._breaker.degraded
         ):
             return await self._take_all(client, buckets, cost, now)
-        parts = self._bucket_parts
+        found = self._all_args.get((id(buckets), cost))
+        if found is None or found[0] is not buckets:
+            found = self._plan_of(buckets, cost)
+        _, args, parts = found
         head = f"{self.prefix}{{{client}}}:"
-        keys = tuple([head + (parts.get(bucket) or self._part(bucket)) for bucket, _ in buckets])
+        # Two rules (a burst and a quota) is the usual limit of several: its keys without a loop.
+        keys = (head + parts[0], head + parts[1]) if len(parts) == 2 else tuple([head + p for p in parts])
         deny = self._deny
         if deny.live and deny.entries:
             denied = deny.refusal(keys, buckets, cost)
             if denied is not None:
                 self._counters.count(False, bound.loop, bound.flush_soon)
                 return denied
-        found = self._all_args.get((id(buckets), cost))
-        args = found[1] if found is not None and found[0] is buckets else self._args_of_all(buckets, cost)
         try:
             reply = await bound.batcher.submit(keys, args)
         except BatchFailed:
@@ -350,9 +353,10 @@ class RedisStore:
             self._bucket_parts[bucket] = part
         return part
 
-    def _args_of_all(self, buckets: Buckets, cost: int) -> tuple[Any, ...]:
-        """EVALSHA's arguments for several rules, kept per ``buckets`` (a limit's plan keeps one
-        tuple), and one tuple per distinct value, so the batcher's pack cache finds it."""
+    def _plan_of(self, buckets: Buckets, cost: int) -> tuple[Buckets, tuple[Any, ...], tuple[str, ...]]:
+        """EVALSHA's arguments for several rules and the buckets' parts of their keys, kept per
+        ``buckets`` (a limit's plan keeps one tuple); the arguments one tuple per distinct value,
+        so the batcher's pack cache finds it."""
         args: list[Any] = [cost, "", ""]
         for _, rule in buckets:
             args += (rule.rate, rule.burst)
@@ -361,9 +365,10 @@ class RedisStore:
             self._all_args.clear()
             self._args_by_value.clear()
         value = self._args_by_value.setdefault(value, value)
+        found = (buckets, value, tuple([self._bucket_parts.get(b) or self._part(b) for b, _ in buckets]))
         if type(buckets) is tuple:  # a list could change under the same identity
-            self._all_args[(id(buckets), cost)] = (buckets, value)
-        return value
+            self._all_args[(id(buckets), cost)] = found
+        return found
 
     async def _take_all(
         self, client: str, buckets: Buckets, cost: int, now: float | None

@@ -320,6 +320,16 @@ class Batcher:
         if n == 1:  # the common case, in one formatting
             encoded = keys[0].encode()
             return b"%s$%d\r\n%s\r\n%s" % (parts[0], len(encoded), encoded, parts[1])
+        if n == 2:  # a burst and a quota, the usual limit of several rules: one formatting too
+            first, second = keys[0].encode(), keys[1].encode()
+            return b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+                parts[0],
+                len(first),
+                first,
+                len(second),
+                second,
+                parts[1],
+            )
         out = [parts[0]]
         for key in keys:
             encoded = key.encode()
