@@ -250,10 +250,10 @@ class RateGuard:
             await self.app(scope, receive, send)
             return
 
-        applied = limits.applied
-        render_fields = self._render
         replacing = False
 
+        # What it needs is read from `self` and `limits` when the response starts, not captured
+        # here: every name captured is a cell made on every request.
         async def send_with_headers(message: Message) -> None:
             nonlocal replacing
             if message["type"] == "http.response.start":
@@ -261,8 +261,9 @@ class RateGuard:
                     replacing = await self._refused_start(scope, message, limits, send)
                     if replacing:
                         return
-                if render_fields is not None and applied:
-                    message["headers"] = [*message.get("headers", ()), *render_fields(applied)]
+                render_fields = self._render
+                if render_fields is not None and limits.applied:
+                    message["headers"] = [*message.get("headers", ()), *render_fields(limits.applied)]
             elif replacing:
                 return  # the body of the response replaced
             await send(message)

@@ -83,7 +83,7 @@ class MemoryStore:
         every request, and the general step (its lists, its frame) was a third of the cost. The
         tests hold both to the same table of cases.
         """
-        key = client + SEP + bucket
+        key = f"{client}{SEP}{bucket}"  # one string made, where `+` makes two
         slot = self._slots.get(key)
         now = self.clock()
         if slot is None:  # a bucket never seen (or full, so forgotten): it starts full
@@ -135,7 +135,7 @@ class MemoryStore:
         """
         now = self.clock()
         slots = self._slots
-        found = [slots.get(client + SEP + bucket) for bucket, _ in buckets]
+        found = [slots.get(f"{client}{SEP}{bucket}") for bucket, _ in buckets]
         if None not in found:
             known: list[_Slot] = found  # type: ignore[assignment]
             refilled = []
