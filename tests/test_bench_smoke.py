@@ -211,3 +211,27 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_counted_targets_are_read_from_the_instruction_tables(tmp_path: Path) -> None:
+    from benchmarks.summary import instruction_targets
+
+    def table(file: str, rows: dict[str, int]) -> None:
+        lines = ["| variant | instructions/request | + vs no limiter | ratio |", "|---|--:|--:|--:|"]
+        lines += [f"| some label (`{name}`) | {count:,} | +1 | 0.9 |" for name, count in rows.items()]
+        (tmp_path / file).write_text("\n".join(lines) + "\n")
+
+    table("instructions.md", {"floor-memory": 970, "rateguard-memory": 1000})
+    table("instructions-redis.md", {"rules-redis-1": 949, "rules-redis-2": 1000})
+    table("instructions-redis-c32.md", {"floor-redis": 950, "rateguard-redis": 1000, "rules-redis-1": 900})
+    found = {
+        (t.number, t.text.split(" ([")[0]): (t.measured, t.passed) for t in instruction_targets(tmp_path)
+    }
+    assert found == {
+        ("1", "rateguard memory vs floor-memory, one client >= 0.97x"): ("0.970x", True),
+        ("2", "rateguard Redis vs floor-redis, 32 connections >= 0.95x"): ("0.950x", True),
+        ("5", "a two-rule limit() on Redis vs the one-rule limit(), one at a time >= 0.95x"): (
+            "0.949x",
+            False,
+        ),
+    }  # issue 13's rows need rateguard-redis-before; T5 at 32 connections, rules-redis-2
