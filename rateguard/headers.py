@@ -136,12 +136,13 @@ def render_all(applied: list[Applied]) -> list[tuple[bytes, bytes]]:
                 reset_after,
             )
     assert worst is not None  # applied has two limits or more here
+    reset = math.ceil(w_reset - 1e-9)  # _ceil(), inline
     headers = [
         (b"ratelimit-policy", b", ".join(items)),
         (b"ratelimit", b", ".join(parts)),
         (b"x-ratelimit-limit", worst.limit),
         (b"x-ratelimit-remaining", b"%d" % w_remaining),
-        (b"x-ratelimit-reset", b"%d" % _ceil(w_reset)),
+        (b"x-ratelimit-reset", b"%d" % (reset if reset > 0 else 0)),
     ]
     if refused:
         headers.append((b"retry-after", b"%d" % retry_after_seconds(applied)))

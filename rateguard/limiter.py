@@ -28,6 +28,8 @@ from rateguard.registry import ALLOWED, DEGRADED, LIMITED, SHADOW, AppLimits
 from rateguard.stores import Store
 from rateguard.stores.memory import MemoryStore
 
+_new_tuple = tuple.__new__  # an allowed Verdict, built without NamedTuple's Python-level __new__
+
 SCOPE_KEY = "rateguard"
 
 logger = logging.getLogger("rateguard")
@@ -271,7 +273,7 @@ async def decide(
                 limits.taken.append((store, client, plan.buckets, cost))
                 if policy.mode == "enforce":
                     limits.applied.append((plan.headers[0], decision))
-                return Verdict(True, ((single[0], decision),))
+                return _new_tuple(Verdict, (True, ((single[0], decision),), False))
             decisions: tuple[Decision, ...] = (decision,)
         elif type(store) is MemoryStore:
             decisions = store.take_all_now(client, plan.buckets, cost)
@@ -289,7 +291,7 @@ async def decide(
         limits.taken.append((store, client, plan.buckets, cost))
         if policy.mode == "enforce":
             limits.applied.extend(zip(plan.headers, decisions, strict=True))
-        return Verdict(True, tuple(zip(plan.names, decisions, strict=True)))
+        return _new_tuple(Verdict, (True, tuple(zip(plan.names, decisions, strict=True)), False))
     allowed = True
     for counts, decision in zip(plan.counts, decisions, strict=True):
         if decision.degraded:

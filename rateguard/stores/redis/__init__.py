@@ -341,7 +341,8 @@ class RedisStore:
             )
             i += 4
         out = tuple(decisions)
-        self._count(allowed, bound)
+        # `_count`, inline (a decision that outlived a close counts without its loop's timer)
+        self._counters.count(allowed, bound.loop if bound is self._bound else None, bound.flush_soon)
         if not allowed and self.deny_cache and deny.live:
             deny.remember(head, keys, buckets, out)
         return out
