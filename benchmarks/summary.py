@@ -231,9 +231,10 @@ def markdown(
             "in the same round; *floor, same run* is what the minimal reference designs measured beside "
             "them: where a floor misses a target too, no design meets it on this machine. Rounds here "
             "differ by up to 30% even back to back, so a ratio within a few percent of its threshold is "
-            "within the noise. The *counted* rows are exact: instructions per request of the app's side "
-            "(`make bench-instructions`), where the kernel's share, the same for every variant, is left "
-            "out, so a timed ratio on a quiet host lies a little closer to 1 than its counted one."
+            "within the noise. The *counted* rows are not: they are the app side's instructions per "
+            "request, counted by `make bench-instructions` (within 1% from one run to the next). They "
+            "leave out the kernel's share, the same for every variant, so a timed ratio on a quiet host "
+            "lies a little closer to 1 than its counted one."
         )
         add("")
         lines.extend(target_table(tg))
